@@ -1,0 +1,37 @@
+# Phi-3 LoRA Lab. `make run` executes the series, `make test` checks it; both create .venv first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: env run test notebooks data clean help
+
+help:
+	@echo "make run        execute notebooks 00-06 in order; results under outputs/"
+	@echo "make test       unit tests + every notebook through nbval (what CI runs)"
+	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
+	@echo "make data       regenerate data/ from its generator script"
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+run: env
+	$(PY) scripts/run_series.py
+
+test: env
+	$(PY) -m pytest
+
+notebooks: env
+	$(PY) scripts/run_series.py --in-place
+
+data: env
+	$(PY) data/generate_house_format.py
+
+clean:
+	rm -rf outputs

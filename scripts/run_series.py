@@ -1,0 +1,88 @@
+"""Execute the notebook series in order and report where the results are and how long each chapter took.
+
+    python scripts/run_series.py              # executed copies under outputs/notebooks/ (make run)
+    python scripts/run_series.py --in-place   # refresh the stored notebooks in notebooks/ (make notebooks)
+    python scripts/run_series.py --only 03 04 # a subset, still in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import config  # noqa: E402
+
+NOTEBOOKS = config.PROJECT_ROOT / "notebooks"
+
+
+def cell_seconds(cell: nbformat.NotebookNode) -> float:
+    """Wall time of one executed cell from nbclient's timing metadata (0 when absent)."""
+    timing = cell.get("metadata", {}).get("execution", {})
+    start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+    if not (start and end):
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(end) - parse(start)).total_seconds()
+
+
+def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
+    """Run one notebook top to bottom; returns its timing report (raises on a failing cell)."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=True,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    started = time.perf_counter()
+    client.execute()
+    total = time.perf_counter() - started
+    cells = [(i, cell_seconds(c), "".join(c.source).splitlines()[0][:60] if c.source else "")
+             for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+    target = path if in_place else out_dir / path.name
+    nbformat.write(nb, target)
+    slowest = sorted(cells, key=lambda c: -c[1])[:3]
+    return {"notebook": path.name, "seconds": round(total, 1), "cells_seconds": round(sum(c[1] for c in cells), 1),
+            "slowest_cells": [{"cell": i, "seconds": round(s, 1), "starts": head} for i, s, head in slowest],
+            "written": str(target)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with executed copies")
+    parser.add_argument("--only", nargs="*", default=[], help="chapter numbers to run, e.g. 00 03")
+    args = parser.parse_args()
+    out_dir = config.outputs_dir() / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not args.only or p.name[:2] in args.only]
+    reports, started = [], time.perf_counter()
+    for path in paths:
+        print(f"running {path.name} ...", flush=True)
+        try:
+            reports.append(execute(path, args.in_place, out_dir))
+        except CellExecutionError as err:
+            print(f"\n{path.name} failed:\n{str(err)[-3000:]}", file=sys.stderr)
+            return 1
+        print(f"  done in {reports[-1]['seconds']:.1f} s -> {reports[-1]['written']}", flush=True)
+    total = time.perf_counter() - started
+    summary = {"model": config.model_id(), "total_seconds": round(total, 1), "chapters": reports,
+               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (config.outputs_dir() / "run_times.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nSeries finished in {total:.0f} s on the {config.model_tag()}.")
+    print(f"Results are under {config.outputs_dir()}:")
+    for sub in ("notebooks", "models", "data", "adapters", "plots", "eval"):
+        if (config.outputs_dir() / sub).exists():
+            print(f"  {sub + '/':<11} {config.outputs_dir() / sub}")
+    print(f"  timings    {config.outputs_dir() / 'run_times.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

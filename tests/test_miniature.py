@@ -1,0 +1,57 @@
+"""The miniature Phi-3: real architecture and names, Phi-3's tokens and template, stops at <|end|>."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Phi3ForCausalLM
+
+from utils.miniature import load_report
+from utils.prompts import END, ENDOFTEXT, PHI3_SPECIAL_TOKENS, phi3_chat_template
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse: 1 2 3"},
+        {"role": "assistant", "content": "3 2 1"}]
+
+
+def test_loads_through_from_pretrained_with_phi3_module_names(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert isinstance(model, Phi3ForCausalLM)
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    assert {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} <= names
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert (tiny_model_dir / "model.safetensors").exists()
+
+
+def test_tokenizer_has_phi3_tokens_template_and_digit_splitting(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for token in PHI3_SPECIAL_TOKENS:
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.chat_template == phi3_chat_template()
+    assert tok.apply_chat_template(CHAT, tokenize=False) == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nReverse: 1 2 3<|end|>\n<|assistant|>\n3 2 1<|end|>\n"
+        + ENDOFTEXT)
+    prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n") and ENDOFTEXT not in prompt
+    assert tok.tokenize("2024") == ["2", "0", "2", "4"]
+    assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]
+
+
+def test_generation_stops_at_end_token(tiny_model_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert tok.convert_tokens_to_ids(END) in model.generation_config.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.convert_tokens_to_ids(END)] = 1.0
+    ids = tok.apply_chat_template(CHAT[:2], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=10, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 1
+
+
+def test_report_shows_pretraining_helped(tiny_model_dir: Path) -> None:
+    report = load_report(tiny_model_dir)
+    assert report["heldout_before"]["exact_match"] == 0.0
+    assert report["heldout_after"]["stop_rate"] > report["heldout_before"]["stop_rate"]
+    assert report["loss_history"][-1]["loss"] < report["loss_history"][0]["loss"]
+    assert 0 < report["parameters"] < 1_000_000

@@ -1,0 +1,128 @@
+"""The offline miniature Phi-3: a locally trained tokenizer and a tiny ``Phi3ForCausalLM``, pre-trained briefly.
+
+It has Phi-3's architecture, module names, special tokens and chat template, and is saved with
+``save_pretrained`` so every chapter loads it through the same ``from_pretrained`` path as the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from utils import config
+from utils.prompts import END, ENDOFTEXT, PHI3_SPECIAL_TOKENS, phi3_chat_template
+from utils.skills import train_test_corpus
+
+REPORT_FILE = "miniature_report.json"
+
+
+@dataclass
+class MiniatureSpec:
+    """Shape and pre-training budget of the miniature (Phi-3 Mini: hidden 3072, 32 layers, 32 heads)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 512
+    pretrain_examples: int = 8000
+    heldout_examples: int = 200
+    pretrain_epochs: float = 3.0
+    learning_rate: float = 2e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer (digits split one by one) with Phi-3's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PHI3_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, unk_token=None,
+        additional_special_tokens=[t for t in PHI3_SPECIAL_TOKENS if t != ENDOFTEXT],
+        chat_template=phi3_chat_template(), model_max_length=4096, padding_side="right")
+
+
+def build_model(tokenizer: Any, spec: MiniatureSpec) -> Any:
+    """A randomly initialised ``Phi3ForCausalLM`` of the miniature's shape, stopping at ``<|end|>``."""
+    import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(spec.seed)
+    end_id, eot_id = tokenizer.convert_tokens_to_ids([END, ENDOFTEXT])
+    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+                     intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+                     num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
+                     max_position_embeddings=spec.max_position_embeddings,
+                     original_max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+                     bos_token_id=None, eos_token_id=eot_id, pad_token_id=eot_id)
+    model = Phi3ForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=[end_id, eot_id], pad_token_id=eot_id,
+                                               do_sample=False)
+    return model
+
+
+def _report_path(path: Path) -> Path:
+    return path / REPORT_FILE
+
+
+def load_report(path: Path | None = None) -> dict:
+    """The build report saved next to the miniature (spec, held-out scores before/after, timings)."""
+    return json.loads(_report_path(path or config.miniature_dir()).read_text())
+
+
+def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: bool = True) -> dict:
+    """Train the tokenizer, build and pre-train the model, save both to ``path``; returns the report."""
+    from utils.metrics import evaluate_generation
+    from utils.training import train_full
+
+    spec = spec or MiniatureSpec()
+    started = time.perf_counter()
+    train_rows, test_rows = train_test_corpus(spec.pretrain_examples, spec.heldout_examples, seed=spec.seed)
+    tokenizer = train_tokenizer(
+        [m["content"] for r in train_rows for m in r["messages"]], spec.vocab_size)
+    model = build_model(tokenizer, spec)
+    test_convs = [r["messages"] for r in test_rows]
+    before, _ = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)
+    t0 = time.perf_counter()
+    history = train_full(model, tokenizer, train_rows, epochs=spec.pretrain_epochs,
+                         learning_rate=spec.learning_rate, seed=spec.seed, progress=progress, batch_size=spec.batch_size,
+                         output_dir=path.parent / f"{path.name}-trainer")
+    train_seconds = time.perf_counter() - t0
+    after, answers = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)
+    per_skill: dict[str, float] = {}
+    for row, answer in zip(test_rows, answers):
+        per_skill.setdefault(row["skill"], []).append(answer.text == row["messages"][-1]["content"])
+    report = {
+        "spec": asdict(spec),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "heldout_before": before, "heldout_after": after,
+        "heldout_after_per_skill": {k: sum(v) / len(v) for k, v in per_skill.items()},
+        "n_heldout": len(test_rows), "pretrain_seconds": round(train_seconds, 1),
+        "build_seconds": round(time.perf_counter() - started, 1), "loss_history": history,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    _report_path(path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def ensure_miniature(path: Path | None = None, spec: MiniatureSpec | None = None) -> Path:
+    """Return the miniature's folder, building it first if it is not there yet."""
+    path = path or config.miniature_dir()
+    if not _report_path(path).exists():
+        build_miniature(path, spec)
+    return path

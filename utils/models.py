@@ -1,0 +1,93 @@
+"""Hardware report and model loading: the same ``from_pretrained`` path for the miniature and the real Phi-3."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils import config
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the current machine supports, and the choices the chapters derive from it."""
+
+    device: str
+    device_name: str
+    torch_version: str
+    cuda_version: str | None
+    bf16: bool
+    dtype: torch.dtype
+    attn_implementation: str
+
+    def as_rows(self) -> list[tuple[str, str]]:
+        """The report as (setting, value) rows for a table."""
+        return [("device", f"{self.device} ({self.device_name})"), ("torch", self.torch_version),
+                ("CUDA", self.cuda_version or "none"), ("bf16 supported", str(self.bf16)),
+                ("training dtype", str(self.dtype).replace("torch.", "")),
+                ("attention implementation", self.attn_implementation)]
+
+
+def hardware_report() -> Hardware:
+    """Device, precision and attention implementation the series will use on this machine.
+
+    bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU; ``flash_attention_2`` only when the
+    package is installed and the GPU is Ampere or newer, else PyTorch's ``sdpa``.
+    """
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.get_device_capability()[0] >= 8
+        return Hardware("cuda", torch.cuda.get_device_name(), torch.__version__, torch.version.cuda, bf16,
+                        torch.bfloat16 if bf16 else torch.float16, "flash_attention_2" if flash else "sdpa")
+    import platform
+
+    return Hardware("cpu", platform.processor() or platform.machine(), torch.__version__, None, False,
+                    torch.float32, "sdpa")
+
+
+def require_miniature_or_model() -> str:
+    """The ``from_pretrained`` path of the configured model, building the miniature first if needed."""
+    if config.is_miniature():
+        from utils.miniature import ensure_miniature
+
+        return str(ensure_miniature())
+    return config.model_id()
+
+
+def load_tokenizer(path: str | None = None) -> Any:
+    """The configured model's tokenizer (Phi-3's chat template and special tokens)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path or require_miniature_or_model())
+
+
+def load_model(path: str | None = None, hardware: Hardware | None = None, training: bool = False,
+               quantization_config: Any | None = None, dtype: torch.dtype | None = None) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with dtype and attention from the hardware report.
+
+    ``training=True`` sets ``use_cache=False`` (the KV cache is useless when training and costs memory).
+    No ``trust_remote_code``: Phi-3 is a native transformers architecture.
+    """
+    from transformers import AutoModelForCausalLM
+
+    hw = hardware or hardware_report()
+    kwargs: dict[str, Any] = {"dtype": dtype or hw.dtype, "attn_implementation": hw.attn_implementation}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if hw.device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(path or require_miniature_or_model(), **kwargs)
+    if training:
+        model.config.use_cache = False
+    return model
+
+
+def require_output(path: Path, chapter: str) -> Path:
+    """``path`` if it exists; otherwise stop with a message naming the chapter that writes it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} is missing: run notebooks/{chapter} first (it writes this file).")
+    return Path(path)

@@ -1,0 +1,132 @@
+"""The shared TRL recipe: one ``SFTConfig`` builder and the training calls chapters 00, 03 and 04 use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def to_dataset(rows: list[dict]) -> Any:
+    """A ``datasets.Dataset`` with only the ``messages`` column TRL trains on."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": r["messages"]} for r in rows])
+
+
+def loss_history(trainer: Any) -> list[dict]:
+    """The trainer's logged ``step``/``loss``/``eval_loss``/``learning_rate`` entries, for plots and reports."""
+    keep = ("step", "epoch", "loss", "eval_loss", "learning_rate")
+    return [{k: e[k] for k in keep if k in e} for e in trainer.state.log_history if "loss" in e or "eval_loss" in e]
+
+
+def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, learning_rate: float, seed: int,
+               output_dir: Path, progress: bool = True, batch_size: int = 32) -> list[dict]:
+    """Full-parameter SFT on assistant tokens (the miniature's base pre-training); returns the loss history."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, lr_scheduler_type="cosine", warmup_steps=0.05,
+        weight_decay=0.01, logging_steps=25, save_strategy="no", report_to="none", seed=seed,
+        bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=False, max_length=256,
+        disable_tqdm=not progress, dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
+    trainer.train()
+    return loss_history(trainer)
+
+
+def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
+    """The chapters' ``training_config``: SFTConfig settings chosen for the model size and the hardware."""
+    import torch
+
+    return {
+        "learning_rate": 2e-3 if miniature else 2e-4,
+        "per_device_train_batch_size": 16 if miniature else 4,
+        "gradient_accumulation_steps": 1 if miniature else 4,
+        "num_train_epochs": 4 if miniature else 1,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "weight_decay": 0.0,
+        "logging_steps": 5,
+        "eval_strategy": "steps",
+        "eval_steps": 30 if miniature else 50,
+        "save_strategy": "steps",
+        "save_steps": 30 if miniature else 50,
+        "save_total_limit": 2,
+        "bf16": hardware.dtype == torch.bfloat16,
+        "fp16": hardware.dtype == torch.float16,
+        "gradient_checkpointing": not miniature,
+        "max_length": 256 if miniature else 1024,
+        "seed": 42,
+    }
+
+
+def peft_config(miniature: bool) -> dict[str, Any]:
+    """The chapters' ``peft_config``: LoRA on every linear layer of Phi-3 (not the embeddings or lm_head)."""
+    return {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0 if miniature else 0.05,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear",
+    }
+
+
+def make_sft_config(output_dir: Path, training: dict[str, Any], progress: bool = True,
+                    **overrides: Any) -> Any:
+    """An ``SFTConfig`` from a ``training_config`` dict: assistant-only loss, TensorBoard logs, real tokens counted."""
+    from trl import SFTConfig
+
+    settings = {**training, **overrides}
+    return SFTConfig(output_dir=str(output_dir), report_to="tensorboard",
+                     assistant_only_loss=True, include_num_input_tokens_seen="non_padding",
+                     disable_tqdm=not progress, dataloader_pin_memory=False, **settings)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated (CUDA) or the process's peak resident memory (CPU), in MiB."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights are counted as the values they hold."""
+    import torch
+
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def train_sft(model: Any, tokenizer: Any, train_rows: list[dict], eval_rows: list[dict], args: Any,
+              peft: dict[str, Any] | None = None, resume_from_checkpoint: str | bool | None = None) -> tuple[Any, dict]:
+    """Fine-tune with TRL's ``SFTTrainer`` (LoRA when ``peft`` is given); returns the trainer and run statistics."""
+    import time
+
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
+                         eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(**peft) if peft else None)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    wall = time.perf_counter() - started
+    trainable, total = count_parameters(trainer.model)
+    tokens = trainer.state.num_input_tokens_seen
+    stats = {
+        "wall_seconds": round(wall, 1), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "tokens_seen": tokens, "tokens_per_second": round(tokens / result.metrics["train_runtime"], 1),
+        "trainable_parameters": trainable, "total_parameters": total,
+        "trainable_percent": round(100 * trainable / total, 3), "peak_memory_mb": round(peak_memory_mb(), 1),
+    }
+    return trainer, stats
