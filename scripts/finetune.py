@@ -1,0 +1,316 @@
+"""LoRA or QLoRA fine-tuning of Phi-3 (or the offline miniature) as a script: one process, DDP or FSDP.
+
+    python scripts/finetune.py                       # one process: chapter 03's LoRA run on the house format
+    python scripts/finetune.py --method qlora        # chapter 04's recipe: 4-bit NF4 base, LoRA on top
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 4 scripts/finetune.py
+    accelerate launch --config_file configs/accelerate/ddp_cpu_2proc.yaml scripts/finetune.py --max-steps 6
+
+The settings are the chapters' own ``training_config`` and ``peft_config`` (``utils.training``). Every process
+trains on its share of each batch; only the main process shows progress, writes checkpoints and the final
+adapter (``OUTPUT_DIR/final``), then evaluates that adapter as chapter 06 does and writes
+``OUTPUT_DIR/final/eval.json``. Bad input stops with a one-line message and exit code 2 before any model is
+loaded. docs/SCALE_OUT.md explains the launch recipes and which combinations are known to work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import config  # noqa: E402
+from utils.data import check_chat_jsonl  # noqa: E402
+from utils.miniature import REPORT_FILE  # noqa: E402
+
+METHODS = ("lora", "qlora")
+QUANT_STORAGE = ("auto", "uint8", "bfloat16", "float16", "float32")
+MAX_PROBLEMS_SHOWN = 20
+FINAL = "final"
+EVAL_FILE = "eval.json"
+
+
+class InputError(Exception):
+    """Bad command-line input: reported as one line per problem, exit code 2, before any heavy work."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", description=__doc__.splitlines()[0],
+        epilog="Launch with `accelerate launch [--config_file configs/accelerate/...yaml] scripts/finetune.py ...` "
+               "for several processes; see docs/SCALE_OUT.md.")
+    parser.add_argument("--method", choices=METHODS, default="lora",
+                        help="lora: 16/32-bit base (chapter 03); qlora: 4-bit NF4 base (chapter 04)")
+    parser.add_argument("--model", help="local folder or hub id of a Phi-3 checkpoint, or 'miniature' "
+                                        f"(default: PHI3_MODEL_ID, now {config.model_id()!r})")
+    parser.add_argument("--data", type=Path, default=config.DATASET_TRAIN, help="training chat JSONL")
+    parser.add_argument("--eval-data", type=Path, default=config.DATASET_TEST,
+                        help="held-out chat JSONL for the loss during training and the final evaluation")
+    parser.add_argument("--output-dir", type=Path,
+                        help="checkpoints, logs and final/ (default: OUTPUTS/runs/METHOD-MODEL)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: epochs)")
+    parser.add_argument("--logging-steps", type=int, help="log the loss every N steps (default: training_config)")
+    parser.add_argument("--per-device-batch-size", type=int,
+                        help="conversations per process and step (default: training_config); the effective batch "
+                             "is this x gradient accumulation x processes")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="resume from the last checkpoint in the output folder, or from CHECKPOINT")
+    parser.add_argument("--quant-storage", choices=QUANT_STORAGE, default="auto",
+                        help="qlora: dtype the 4-bit weights are packed in; auto = the compute dtype under FSDP "
+                             "(FSDP shards only float tensors), else uint8")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length in the final evaluation")
+    parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "logging_steps", "per_device_batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return args
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as torchrun / accelerate launch set them; (0, 0, 1) for one process."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def fsdp_launched() -> bool:
+    """True when ``accelerate launch`` runs this script with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def looks_local(spec: str) -> bool:
+    """True when a ``--model`` value is meant as a folder, not a hub id like ``microsoft/Phi-3-mini-4k-instruct``.
+
+    A path starting with ``.``, ``/`` or ``~``, one with more than one separator, or ``name/...`` where ``name``
+    is a folder here; ``org/model`` with no such local folder is taken as a hub id.
+    """
+    if spec.startswith((".", "/", "~")):
+        return True
+    parts = spec.split(os.sep)
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def resolve_model(spec: str | None) -> tuple[str, bool]:
+    """(what ``from_pretrained`` gets, whether it is the miniature); the miniature may still need building."""
+    spec = spec or config.model_id()
+    if spec == config.MINIATURE:
+        return str(config.miniature_dir()), True
+    path = Path(spec).expanduser()
+    return (str(path) if path.exists() else spec), (path / REPORT_FILE).is_file()
+
+
+def default_output_dir(method: str, model: str, miniature: bool) -> Path:
+    tag = "miniature" if miniature else Path(model.rstrip("/")).name
+    return config.outputs_dir() / "runs" / f"{method}-{tag}"
+
+
+def data_problems(path: Path, flag: str) -> list[str]:
+    """``PATH:LINE: reason`` lines for a data file (``PATH: reason (FLAG)`` when it cannot be read at all)."""
+    problems = check_chat_jsonl(path)
+    lines = [f"{p.path}: {p.reason} ({flag})" if p.line == 0 else str(p) for p in problems]
+    if len(lines) > MAX_PROBLEMS_SHOWN:
+        lines = lines[:MAX_PROBLEMS_SHOWN] + [f"... and {len(lines) - MAX_PROBLEMS_SHOWN} more problem(s) in {path}; "
+                                              f"`python -m utils.data check {path}` lists them all"]
+    return lines
+
+
+def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_dir: Path) -> None:
+    """Raise :class:`InputError` listing every problem with the command line's files and folders."""
+    problems: list[str] = []
+    spec = args.model or config.model_id()
+    if spec != config.MINIATURE and looks_local(spec) and not Path(model).is_dir():
+        what = "is a file, expected a model folder" if Path(model).exists() else "no such folder"
+        problems.append(f"{model}: {what} ({'--model' if args.model else 'PHI3_MODEL_ID'})")
+    elif miniature and not (Path(model) / REPORT_FILE).is_file() and world()[2] > 1:
+        problems.append(f"{model}: the miniature Phi-3 is not built yet and {world()[2]} processes cannot build it "
+                        "together; build it once in one process (`python -c \"from utils.models import "
+                        "require_miniature_or_model as r; r()\"` or notebook 00), then launch again")
+    problems += data_problems(args.data, "--data")
+    problems += data_problems(args.eval_data, "--eval-data")
+    if isinstance(args.resume, str):
+        if not Path(args.resume).is_dir():
+            problems.append(f"{args.resume}: no such checkpoint folder (--resume)")
+    elif args.resume and not any(output_dir.glob("checkpoint-*")):
+        problems.append(f"{output_dir}: no checkpoint-* folder to resume from (--resume; give --output-dir of the "
+                        "earlier run)")
+    if problems:
+        raise InputError("\n".join(problems))
+
+
+def storage_dtype(choice: str, compute_dtype: Any, fsdp: bool) -> Any:
+    """The ``bnb_4bit_quant_storage`` dtype: FSDP needs a float type equal to the rest of the model's."""
+    import torch
+
+    if choice == "auto":
+        return compute_dtype if fsdp else torch.uint8
+    return getattr(torch, choice)
+
+
+def quantization_config(compute_dtype: Any, quant_storage: Any) -> Any:
+    """Chapter 04's QLoRA setting: NF4 weights, double quantization, matmuls in the hardware's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
+
+
+def load_base(model: str, hardware: Any, quant: Any | None, dtype: Any, fsdp: bool, training: bool) -> Any:
+    """The base model on this process's device: ``utils.models.load_model`` unless several GPUs share the work.
+
+    ``load_model`` places a CUDA model on GPU 0; under DDP every rank needs its own GPU (``LOCAL_RANK``) and
+    under FSDP no device map at all (FSDP moves each shard to its GPU itself).
+    """
+    from utils.models import load_model
+
+    _, local_rank, world_size = world()
+    if hardware.device != "cuda" or (world_size == 1 and not fsdp):
+        return load_model(model, hardware, training=training, quantization_config=quant, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": hardware.attn_implementation}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if not fsdp:
+        kwargs["device_map"] = {"": local_rank}
+    base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    if training:
+        base.config.use_cache = False
+    return base
+
+
+def evaluate_adapter(model: str, adapter: Path, method: str, hardware: Any, eval_rows: list[dict],
+                     max_new_tokens: int) -> dict[str, Any]:
+    """Chapter 06's evaluation of a saved adapter: greedy answers scored against references, and held-out loss."""
+    import torch
+    from peft import PeftModel
+
+    from utils.metrics import assistant_loss, evaluate_generation, perplexity
+    from utils.models import load_model, load_tokenizer
+    from utils.prompts import prompt_messages, reference_answer
+
+    quant = quantization_config(hardware.dtype, torch.uint8) if method == "qlora" else None
+    tuned = PeftModel.from_pretrained(load_model(model, hardware, quantization_config=quant), str(adapter))
+    tokenizer = load_tokenizer(str(adapter))
+    conversations = [r["messages"] for r in eval_rows]
+    scores, answers = evaluate_generation(tuned, tokenizer, conversations, max_new_tokens=max_new_tokens)
+    loss = assistant_loss(tuned, tokenizer, conversations)
+    examples = [{"prompt": prompt_messages(c)[-1]["content"], "reference": reference_answer(c), "answer": a.text}
+                for c, a in zip(conversations[:3], answers)]
+    return {**scores, "assistant_loss": loss, "perplexity": perplexity(loss), "n_eval": len(conversations),
+            "examples": examples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, local_rank, world_size = world()
+    model, miniature = resolve_model(args.model)
+    output_dir = args.output_dir or default_output_dir(args.method, model, miniature)
+    try:
+        check_inputs(args, model, miniature, output_dir)
+    except InputError as err:
+        if local_rank == 0:
+            print(err, file=sys.stderr)
+        return 2
+
+    import torch
+
+    fsdp = fsdp_launched()
+    cpu = not torch.cuda.is_available()
+    if fsdp and cpu:
+        if local_rank == 0:
+            print("FSDP needs GPUs (accelerate builds no FSDP plugin on CPU); on CPU launch with "
+                  "configs/accelerate/ddp_cpu_2proc.yaml instead", file=sys.stderr)
+        return 2
+    if cpu and world_size > 1:
+        # Without this accelerate sees no GPU and no CPU flag, and every process would train alone (no gloo group).
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    if rank != 0:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+
+    from utils.data import load_chat_jsonl
+    from utils.models import hardware_report, load_tokenizer, require_miniature_or_model
+    from utils.training import make_sft_config, peft_config, train_sft, training_config
+
+    if miniature and not (Path(model) / REPORT_FILE).is_file():
+        from utils.miniature import ensure_miniature
+
+        print(f"Building the miniature Phi-3 in {model} first (a few minutes, once) ...", flush=True)
+        model = require_miniature_or_model() if config.is_miniature() else str(ensure_miniature(Path(model)))
+
+    hardware = hardware_report()
+    training = training_config(hardware, miniature)
+    overrides: dict[str, Any] = {}
+    if args.max_steps:
+        overrides["max_steps"] = args.max_steps
+    if args.logging_steps:
+        overrides["logging_steps"] = args.logging_steps
+    if args.per_device_batch_size:
+        overrides["per_device_train_batch_size"] = args.per_device_batch_size
+    if cpu:
+        overrides["use_cpu"] = True
+    if world_size > 1 and not fsdp:
+        overrides["ddp_find_unused_parameters"] = False
+    sft_args = make_sft_config(output_dir, training, progress=True, **overrides)
+
+    quant, dtype = None, hardware.dtype
+    if args.method == "qlora":
+        storage = storage_dtype(args.quant_storage, hardware.dtype, fsdp)
+        quant = quantization_config(hardware.dtype, storage)
+        if storage.is_floating_point:
+            dtype = storage
+    base = load_base(model, hardware, quant, dtype, fsdp, training=True)
+    if args.method == "qlora" and not fsdp:
+        # Under FSDP this step's fp32 upcast of norms and embeddings would break the one-dtype-per-shard rule.
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=training["gradient_checkpointing"])
+    print(f"rank {rank}/{world_size} ready: {args.method} on {base.device}"
+          f"{' (FSDP)' if fsdp else ' (DDP)' if world_size > 1 else ''}", flush=True)
+
+    tokenizer = load_tokenizer(model)
+    train_rows, eval_rows = load_chat_jsonl(args.data), load_chat_jsonl(args.eval_data)
+    trainer, stats = train_sft(base, tokenizer, train_rows, eval_rows, sft_args, peft=peft_config(miniature),
+                               resume_from_checkpoint=args.resume)
+    final = output_dir / FINAL
+    if trainer.is_fsdp_enabled:
+        # A sharded state dict is not an adapter file; gather the full (adapter-only) state dict to save it.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final))
+    trainer.save_state()
+    trainer.accelerator.wait_for_everyone()
+    is_main = trainer.is_world_process_zero()
+    del trainer, base
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not is_main:
+        return 0
+
+    report: dict[str, Any] = {"method": args.method, "model": model, "adapter": str(final),
+                              "train_data": str(args.data), "eval_data": str(args.eval_data),
+                              "processes": world_size, "distributed": "FSDP" if fsdp else "DDP" if world_size > 1
+                              else "none", "device": hardware.device, "train": stats}
+    if not args.no_eval:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        report["eval"] = evaluate_adapter(model, final, args.method, hardware, eval_rows, args.max_new_tokens)
+    (final / EVAL_FILE).write_text(json.dumps(report, indent=2))
+    summary = report.get("eval", {})
+    print(f"adapter: {final}  steps {stats['steps']}, train loss {stats['train_loss']:.3f}"
+          + (f", held-out loss {summary['assistant_loss']:.3f}, exact match {summary['exact_match']:.2f}"
+             if summary else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
