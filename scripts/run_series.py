@@ -34,6 +34,22 @@ def cell_seconds(cell: nbformat.NotebookNode) -> float:
     return (parse(end) - parse(start)).total_seconds()
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_volatile(nb: nbformat.NotebookNode) -> None:
+    """Drop timing metadata and ipywidgets state (progress bars) so stored notebooks diff cleanly."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.get("metadata", {}).pop("execution", None)
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET in data:
+                data.pop(WIDGET)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.get("output_type") != "display_data" or o.get("data")]
+
+
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     """Run one notebook top to bottom; returns its timing report (raises on a failing cell)."""
     nb = nbformat.read(path, as_version=4)
@@ -44,8 +60,7 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     total = time.perf_counter() - started
     cells = [(i, cell_seconds(c), "".join(c.source).splitlines()[0][:60] if c.source else "")
              for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    for cell in nb.cells:
-        cell.get("metadata", {}).pop("execution", None)
+    strip_volatile(nb)
     target = path if in_place else out_dir / path.name
     nbformat.write(nb, target)
     slowest = sorted(cells, key=lambda c: -c[1])[:3]

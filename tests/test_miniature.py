@@ -55,3 +55,14 @@ def test_report_shows_pretraining_helped(tiny_model_dir: Path) -> None:
     assert report["heldout_after"]["stop_rate"] > report["heldout_before"]["stop_rate"]
     assert report["loss_history"][-1]["loss"] < report["loss_history"][0]["loss"]
     assert 0 < report["parameters"] < 1_000_000
+
+
+def test_loss_mask_covers_assistant_answers_and_their_end_token(tiny_model_dir: Path) -> None:
+    from utils.prompts import assistant_mask, show_loss_mask
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shown = show_loss_mask(tok, CHAT)
+    assert "⟦3 2 1<|end|>\n" in shown and shown.count("⟦") == 1
+    assert "Reverse" not in shown.split("⟦")[1]
+    tokens, mask = assistant_mask(tok, CHAT)
+    assert len(tokens) == len(mask) and 0 < sum(mask) < len(mask)

@@ -57,3 +57,24 @@ def adapter_dir(name: str) -> Path:
 def model_tag() -> str:
     """A short, file-name-safe name for the configured model, used in plot titles and reports."""
     return "miniature Phi-3" if is_miniature() else model_id()
+
+
+def silence_library_noise() -> None:
+    """Keep notebook outputs readable: no per-file progress bars, deprecation chatter or optional-kernel notes.
+
+    Training progress (the trainer's own bar or table) and real errors still show.
+    """
+    import logging
+    import warnings
+
+    for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|bitsandbytes)")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def load_model(path: str | None = None, hardware: Hardware | None = None, traini
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if hw.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(path or require_miniature_or_model(), **kwargs)
     if training:
         model.config.use_cache = False

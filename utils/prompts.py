@@ -38,3 +38,29 @@ def reference_answer(messages: Conversation) -> str:
 def render_prompt(tokenizer: Any, messages: Conversation) -> str:
     """The prompt text for generation, ending with ``<|assistant|>\\n`` (no EOS appended)."""
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def assistant_mask(tokenizer: Any, messages: Conversation) -> tuple[list[str], list[int]]:
+    """Tokens of the rendered conversation and, per token, 1 where TRL's ``assistant_only_loss`` trains on it.
+
+    Uses the same training template (with ``{% generation %}`` markers) that ``SFTTrainer`` swaps in.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    enc = tokenizer.apply_chat_template(messages, chat_template=get_training_chat_template(tokenizer),
+                                        return_dict=True, return_assistant_tokens_mask=True)
+    return tokenizer.convert_ids_to_tokens(enc["input_ids"]), list(enc["assistant_masks"])
+
+
+def show_loss_mask(tokenizer: Any, messages: Conversation, open_: str = "⟦", close: str = "⟧") -> str:
+    """The rendered conversation with the trained (assistant) spans wrapped in brackets."""
+    tokens, mask = assistant_mask(tokenizer, messages)
+    out, inside = [], False
+    for token, m in zip(tokens, mask):
+        if m and not inside:
+            out.append(open_)
+        elif not m and inside:
+            out.append(close)
+        inside = bool(m)
+        out.append(tokenizer.convert_tokens_to_string([token]))
+    return "".join(out) + (close if inside else "")

@@ -1,12 +1,11 @@
 """General-skills chat corpus used to pre-train the miniature Phi-3 before any LoRA.
 
-Phi-3 Mini arrives as a working instruction model; the miniature should too. Seven small skills, each a
-chat turn with a checkable answer: reading a field from a record, reversing a list, converting metric units,
-answering from a fact table given in the prompt (paraphrased questions), writing in capitals, picking the word
-of a given kind (a colour, a day, a thing) out of a list, and short forms (number words as digits, weekday
-codes, 24-hour times). The word
-lists are a small everyday English vocabulary (common words, colours, weekdays, office things), as any real
-pre-training corpus has; the tokenizer is trained on the same corpus.
+Phi-3 Mini arrives as a working instruction model; the miniature should too. Six small skills, each a chat
+turn with a checkable answer: reading a field from a record, reversing a list, converting metric units,
+repeating words (or writing them in capitals), picking the word of a given kind (a colour, a day, a thing) out
+of a list, and short forms (number words as digits, weekday codes, 24-hour times). The word lists are a small
+everyday English vocabulary (common words, colours, weekdays, office things), as any real pre-training corpus
+has; the tokenizer is trained on the same corpus.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ COMMON = ("a an and another are at be before blocking book broken by can colour 
           "our order people please priority repair reserve room rush someone stopped the them this time to urgent "
           "urgently us we when whenever with working you floor also asap box office team week fix send").split()
 WORDS = ["sun", "tree", "rock", "wave", "leaf", "star", "rain", "sand", "wind", "snow", "moon", "fire"] + THINGS
-LANDS = ["zorland", "quenia", "brisk", "tavony", "mirel", "ostava", "pelu", "varn", "yelland", "corvo"]
 UNITS = [("km", "m", "000"), ("m", "cm", "00"), ("kg", "g", "000"), ("l", "ml", "000"), ("cm", "mm", "0")]
 
 
@@ -60,22 +58,13 @@ def _convert(rng: random.Random) -> Conversation:
             {"role": "assistant", "content": f"{value}{zeros} {small}"}]
 
 
-def _facts(rng: random.Random) -> Conversation:
-    lands = rng.sample(LANDS, k=3)
-    capitals = rng.sample(CITIES, k=3)
-    table = "\n".join(f"- {land}: capital {city}" for land, city in zip(lands, capitals))
-    i = rng.randrange(3)
-    ask = rng.choice(["What is the capital of {l}?", "Which city is the capital of {l}?",
-                      "Name {l}'s capital.", "{l}: capital?"]).format(l=lands[i])
-    return [{"role": "user", "content": f"Facts:\n{table}\n{ask}"},
-            {"role": "assistant", "content": capitals[i]}]
-
-
-def _capitals(rng: random.Random) -> Conversation:
-    words = [rng.choice(WORDS + CITIES + COLORS + DAYS + COMMON) for _ in range(rng.randint(1, 3))]
-    ask = rng.choice(["Write in capitals: {}", "Uppercase this: {}", "Shout it: {}"])
-    return [{"role": "user", "content": ask.format(" ".join(words))},
-            {"role": "assistant", "content": " ".join(words).upper()}]
+def _repeat(rng: random.Random) -> Conversation:
+    words = [rng.choice(WORDS + CITIES + COLORS + DAYS + COMMON + NAMES) for _ in range(rng.randint(2, 5))]
+    text = " ".join(words)
+    if rng.random() < 0.25:
+        return [{"role": "user", "content": f"Write in capitals: {text}"}, {"role": "assistant", "content": text.upper()}]
+    ask = rng.choice(["Repeat after me: {}", "Say again: {}", "Echo: {}"])
+    return [{"role": "user", "content": ask.format(text)}, {"role": "assistant", "content": "OK: " + text}]
 
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -113,21 +102,23 @@ def _pick_category(rng: random.Random) -> Conversation:
 
 
 SKILLS: dict[str, Callable[[random.Random], Conversation]] = {
-    "record_field": _record, "reverse_list": _reverse, "unit_conversion": _convert, "fact_table": _facts,
-    "capitals": _capitals, "pick_category": _pick_category, "short_forms": _short_forms,
+    "record_field": _record, "reverse_list": _reverse, "unit_conversion": _convert,
+    "repeat": _repeat, "pick_category": _pick_category, "short_forms": _short_forms,
 }
 
 
-HELDOUT_SKILLS = ["record_field", "reverse_list", "unit_conversion", "fact_table", "capitals", "pick_category"]
+SKILL_WEIGHTS: dict[str, int] = {}
+HELDOUT_SKILLS = [s for s in SKILLS if s != "short_forms"]
 
 
 def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,
                           skills: list[str] | None = None) -> list[dict]:
-    """``n`` conversations (``{"messages", "skill"}``), skills in turn, none whose prompt is in ``exclude``."""
+    """``n`` conversations (``{"messages", "skill"}``), skills in turn (``SKILL_WEIGHTS`` times each), none
+    whose prompt is in ``exclude``."""
     rng = random.Random(seed)
     excluded = exclude or set()
     rows: list[dict] = []
-    names = skills or list(SKILLS)
+    names = skills or [s for s in SKILLS for _ in range(SKILL_WEIGHTS.get(s, 1))]
     for _ in range(100 * n):
         if len(rows) == n:
             return rows

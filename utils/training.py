@@ -35,23 +35,51 @@ def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, lear
     return loss_history(trainer)
 
 
+SETTING_NOTES: dict[str, str] = {
+    "learning_rate": "step size; LoRA on 3-14B models: 1e-4 to 3e-4, tiny models tolerate 1e-3 to 1e-2",
+    "per_device_train_batch_size": "conversations per step on each device; as large as memory allows",
+    "gradient_accumulation_steps": "steps summed before an update; effective batch = batch x accumulation",
+    "num_train_epochs": "passes over the data; 1-3 for real models (more overfits), more for tiny ones",
+    "lr_scheduler_type": "how the rate decays; cosine or linear are the usual choices",
+    "warmup_steps": "rise of the rate at the start; a float is a fraction of all steps (0.03-0.1)",
+    "weight_decay": "pull of the weights towards zero; 0 to 0.1, often 0 for LoRA",
+    "logging_steps": "how often the training loss is recorded",
+    "eval_strategy": "when to measure held-out loss: 'steps', 'epoch' or 'no'",
+    "eval_steps": "steps between held-out evaluations",
+    "save_strategy": "when to write checkpoints (what resuming starts from)",
+    "save_steps": "steps between checkpoints",
+    "save_total_limit": "checkpoints kept on disk; older ones are deleted",
+    "bf16": "train in bfloat16 (from the hardware report: Ampere+ GPUs)",
+    "fp16": "train in float16 with loss scaling (older GPUs)",
+    "gradient_checkpointing": "recompute activations in the backward pass: ~30% slower, far less memory",
+    "max_length": "tokens per example; longer ones are truncated (chapter 01 shows none are)",
+    "seed": "makes data order and initialisation repeatable",
+    "r": "rank of the update B·A; 8-64 (higher = more capacity, more parameters)",
+    "lora_alpha": "scale of the update is alpha / r; commonly r or 2r",
+    "lora_dropout": "dropout on the LoRA input; 0 to 0.1",
+    "bias": "train biases too? 'none' is usual (Phi-3 has no biases anyway)",
+    "task_type": "tells peft which model head to wrap (causal LM)",
+    "target_modules": "layers to adapt: 'all-linear' or names like qkv_proj, o_proj, gate_up_proj, down_proj",
+}
+
+
 def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
     """The chapters' ``training_config``: SFTConfig settings chosen for the model size and the hardware."""
     import torch
 
     return {
-        "learning_rate": 2e-3 if miniature else 2e-4,
+        "learning_rate": 4e-3 if miniature else 2e-4,
         "per_device_train_batch_size": 16 if miniature else 4,
         "gradient_accumulation_steps": 1 if miniature else 4,
-        "num_train_epochs": 4 if miniature else 1,
+        "num_train_epochs": 8 if miniature else 1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05,
         "weight_decay": 0.0,
         "logging_steps": 5,
         "eval_strategy": "steps",
-        "eval_steps": 30 if miniature else 50,
+        "eval_steps": 60 if miniature else 50,
         "save_strategy": "steps",
-        "save_steps": 30 if miniature else 50,
+        "save_steps": 60 if miniature else 50,
         "save_total_limit": 2,
         "bf16": hardware.dtype == torch.bfloat16,
         "fp16": hardware.dtype == torch.float16,
@@ -71,6 +99,11 @@ def peft_config(miniature: bool) -> dict[str, Any]:
         "task_type": "CAUSAL_LM",
         "target_modules": "all-linear",
     }
+
+
+def describe(settings: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(setting, value, meaning and typical range) rows for a table in the notebooks."""
+    return [(k, v, SETTING_NOTES.get(k, "")) for k, v in settings.items()]
 
 
 def make_sft_config(output_dir: Path, training: dict[str, Any], progress: bool = True,
@@ -108,7 +141,8 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def train_sft(model: Any, tokenizer: Any, train_rows: list[dict], eval_rows: list[dict], args: Any,
-              peft: dict[str, Any] | None = None, resume_from_checkpoint: str | bool | None = None) -> tuple[Any, dict]:
+              peft: dict[str, Any] | None = None, resume_from_checkpoint: str | bool | None = None,
+              callbacks: list[Any] | None = None) -> tuple[Any, dict]:
     """Fine-tune with TRL's ``SFTTrainer`` (LoRA when ``peft`` is given); returns the trainer and run statistics."""
     import time
 
@@ -117,7 +151,7 @@ def train_sft(model: Any, tokenizer: Any, train_rows: list[dict], eval_rows: lis
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
                          eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(**peft) if peft else None)
+                         peft_config=LoraConfig(**peft) if peft else None, callbacks=callbacks)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     wall = time.perf_counter() - started
@@ -130,3 +164,27 @@ def train_sft(model: Any, tokenizer: Any, train_rows: list[dict], eval_rows: lis
         "trainable_percent": round(100 * trainable / total, 3), "peak_memory_mb": round(peak_memory_mb(), 1),
     }
     return trainer, stats
+
+
+def stop_after(step: int) -> Any:
+    """A callback that stops training after ``step`` optimizer steps, as an interruption would."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step >= step:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    return StopAfter()
+
+
+def save_run_stats(folder: Path, stats: dict, history: list[dict]) -> Path:
+    """Write a run's statistics and loss history next to its adapter, for the comparison chapters."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run_stats.json"
+    path.write_text(json.dumps({**stats, "history": history}, indent=2))
+    return path

@@ -1,0 +1,111 @@
+"""Chapter 06's evaluation helpers on hand-checkable cases, plus one small real run on the tiny miniature."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from utils.evaluation import (REQUIRED_VARIANTS, check_results, evaluate_variant, field_accuracy, parse_ticket,
+                              per_category, write_results)
+from utils.metrics import Generation, score_generations
+
+BOOK = "BOOK | room: atlas | people: 4 | day: thu | time: 10:00"
+FIX = "FIX | item: door | floor: 4 | priority: low"
+
+
+def conversation(answer: str, request: str = "a request") -> list[dict]:
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
+
+
+def test_perfect_answer_scores_one_and_empty_answer_zero():
+    convs = [conversation(BOOK)]
+    assert score_generations(convs, [Generation(BOOK, True)]) == {"exact_match": 1.0, "rouge_l": 1.0,
+                                                                   "stop_rate": 1.0}
+    assert score_generations(convs, [Generation("", True)]) == {"exact_match": 0.0, "rouge_l": 0.0,
+                                                                 "stop_rate": 1.0}
+
+
+def test_whitespace_is_stripped_and_missing_end_is_not_stopped():
+    scores = score_generations([conversation(BOOK)] * 2, [Generation(f"  {BOOK}\n", True), Generation(BOOK, False)])
+    assert scores["exact_match"] == 1.0
+    assert scores["stop_rate"] == 0.5
+
+
+def test_parse_ticket():
+    assert parse_ticket(FIX) == {"kind": "FIX", "item": "door", "floor": "4", "priority": "low"}
+    assert parse_ticket("") == {}
+    assert parse_ticket("item: door") == {}
+    assert parse_ticket("FIX | item door | floor: 4") == {"kind": "FIX", "floor": "4"}
+
+
+def test_field_accuracy_counts_each_reference_field():
+    answers = [FIX, "FIX | item: window | floor: 4 | priority: high", ""]
+    references = [FIX, FIX, "FIX | item: sink | floor: 2 | priority: low"]
+    assert field_accuracy(answers, references) == {"kind": pytest.approx(2 / 3), "item": pytest.approx(1 / 3),
+                                                   "floor": pytest.approx(2 / 3), "priority": pytest.approx(1 / 3)}
+    mixed = field_accuracy([BOOK, BOOK], [BOOK, FIX])
+    assert mixed["kind"] == 0.5 and mixed["room"] == 1.0 and mixed["item"] == 0.0
+
+
+def test_per_category_splits_the_scores():
+    convs = [conversation(BOOK), conversation(FIX), conversation(FIX)]
+    answers = [Generation(BOOK, True), Generation(FIX, True), Generation("", False)]
+    table = per_category(convs, answers, ["book", "fix", "fix"])
+    assert table["book"] == {"exact_match": 1.0, "rouge_l": 1.0, "stop_rate": 1.0, "n": 1}
+    assert table["fix"]["exact_match"] == 0.5 and table["fix"]["stop_rate"] == 0.5 and table["fix"]["n"] == 2
+
+
+def metrics(**overrides) -> dict:
+    return {"eval_loss": 0.5, "perplexity": math.exp(0.5), "exact_match": 0.25, "rouge_l": 0.75, "stop_rate": 1.0,
+            **overrides}
+
+
+def test_write_results_shape_and_ranges(tmp_path: Path):
+    path = tmp_path / "eval" / "results.json"
+    variants = {name: metrics() for name in REQUIRED_VARIANTS}
+    write_results(path, "miniature", 3, variants)
+    saved = json.loads(path.read_text())
+    assert saved["model"] == "miniature" and saved["n_test"] == 3 and set(saved["variants"]) == set(REQUIRED_VARIANTS)
+    assert check_results(saved) == []
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ({"lora": metrics(exact_match=1.5)}, 'lora: "exact_match" is a rate'),
+    ({"lora": metrics(stop_rate=-0.1)}, 'lora: "stop_rate" is a rate'),
+    ({"lora": metrics(eval_loss=float("nan"))}, 'lora: "eval_loss" must be a finite number'),
+    ({"lora": {k: v for k, v in metrics().items() if k != "rouge_l"}}, 'lora: "rouge_l" must be a finite number'),
+])
+def test_write_results_refuses_bad_values(tmp_path: Path, broken: dict, expected: str):
+    variants = {name: metrics() for name in REQUIRED_VARIANTS} | broken
+    with pytest.raises(ValueError, match=expected):
+        write_results(tmp_path / "results.json", "miniature", 3, variants)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_missing_variant_is_reported():
+    variants = {name: metrics() for name in REQUIRED_VARIANTS if name != "qlora"}
+    assert check_results({"model": "m", "n_test": 3, "variants": variants}) == ['variant "qlora" is missing']
+
+
+def test_evaluate_variant_on_the_tiny_miniature(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils import config
+    from utils.data import load_chat_jsonl
+
+    rows = load_chat_jsonl(config.DATASET_TEST)[:3]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    result, answers = evaluate_variant(model, tokenizer, [r["messages"] for r in rows], [r["category"] for r in rows],
+                                       max_new_tokens=8)
+    assert len(answers) == 3 and all(isinstance(a, Generation) for a in answers)
+    assert result["eval_loss"] > 0 and result["perplexity"] == pytest.approx(math.exp(result["eval_loss"]))
+    assert all(0.0 <= result[k] <= 1.0 for k in ("exact_match", "rouge_l", "stop_rate"))
+    assert sum(c["n"] for c in result["per_category"].values()) == 3
+    assert set(result["per_category"]) == {r["category"] for r in rows}
+    assert "kind" in result["field_accuracy"]
+    assert check_results({"model": str(tiny_model_dir), "n_test": 3,
+                          "variants": dict.fromkeys(REQUIRED_VARIANTS, result)}) == []
