@@ -9,7 +9,7 @@ import pytest
 from utils.miniature import MiniatureSpec, build_miniature
 
 TINY = MiniatureSpec(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, pretrain_examples=256, heldout_examples=16, pretrain_epochs=1.0)
+                     num_attention_heads=4, pretrain_examples=512, heldout_examples=16, pretrain_epochs=2.0)
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def load_report(path: Path | None = None) -> dict:
 
 def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: bool = True) -> dict:
     """Train the tokenizer, build and pre-train the model, save both to ``path``; returns the report."""
-    from utils.metrics import evaluate_generation
+    from utils.metrics import assistant_loss, evaluate_generation
     from utils.training import train_full
 
     spec = spec or MiniatureSpec()
@@ -98,12 +98,14 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     model = build_model(tokenizer, spec)
     test_convs = [r["messages"] for r in test_rows]
     before, _ = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)
+    before["heldout_loss"] = assistant_loss(model, tokenizer, test_convs)
     t0 = time.perf_counter()
     history = train_full(model, tokenizer, train_rows, epochs=spec.pretrain_epochs,
                          learning_rate=spec.learning_rate, seed=spec.seed, progress=progress, batch_size=spec.batch_size,
                          output_dir=path.parent / f"{path.name}-trainer")
     train_seconds = time.perf_counter() - t0
     after, answers = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)
+    after["heldout_loss"] = assistant_loss(model, tokenizer, test_convs)
     per_skill: dict[str, float] = {}
     for row, answer in zip(test_rows, answers):
         per_skill.setdefault(row["skill"], []).append(answer.text == row["messages"][-1]["content"])
