@@ -1,0 +1,101 @@
+"""Where the series' time goes: a per-chapter table from ``outputs/run_times.json`` (written by ``make run``).
+
+    .venv/bin/python bench/series_time.py                       # outputs/run_times.json
+    .venv/bin/python bench/series_time.py path/to/run_times.json
+
+``scripts/run_series.py`` records, per notebook, its wall time, the summed time of its cells and its three
+slowest cells (with the first line of each). From these the table splits each chapter into:
+
+- **kernel + overhead**: wall time minus the cells' time (starting the kernel, nbclient's round trips);
+- **imports/setup, model, training, evaluation**: the slowest cells, sorted by what their first line names
+  (a heuristic on that one line, see ``CATEGORIES``; a cell it cannot place counts as *other*);
+- **rest of cells**: cell time not in the three slowest cells.
+
+If a chapter's entry also carries a ``cells`` list (``{"cell", "seconds", "starts"}`` for every code cell),
+that list is used instead of ``slowest_cells``, and *rest of cells* is then only rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils import config  # noqa: E402
+
+CATEGORIES: list[tuple[str, re.Pattern]] = [  # first match wins, tried on a cell's first line
+    ("evaluation", re.compile(r"evaluat|metrics|generate|assistant_loss|perplexity|score", re.I)),
+    ("training", re.compile(r"train|SFTTrainer|finetune|\.fit\(", re.I)),
+    ("model", re.compile(r"load_model|models import|miniature|from_pretrained|quantiz|merge", re.I)),
+    ("imports/setup", re.compile(r"^\s*(import|from)\s|config\.|silence_library_noise", re.I)),
+]
+COLUMNS = ["kernel + overhead", "imports/setup", "model", "training", "evaluation", "other", "rest of cells"]
+
+
+def category(first_line: str) -> str:
+    """What a cell mostly does, judged from its first line of code."""
+    return next((name for name, pattern in CATEGORIES if pattern.search(first_line or "")), "other")
+
+
+def breakdown(chapter: dict) -> dict[str, float]:
+    """Seconds per column for one chapter's entry of ``run_times.json``."""
+    cells = chapter.get("cells") or chapter.get("slowest_cells", [])
+    split = dict.fromkeys(COLUMNS, 0.0)
+    split["kernel + overhead"] = max(chapter["seconds"] - chapter.get("cells_seconds", 0.0), 0.0)
+    for cell in cells:
+        split[category(cell.get("starts", ""))] += cell["seconds"]
+    split["rest of cells"] = max(chapter.get("cells_seconds", 0.0) - sum(c["seconds"] for c in cells), 0.0)
+    return split
+
+
+def table(report: dict) -> str:
+    """The per-chapter table, with a total row and each column's share of the whole series."""
+    names = [c["notebook"] for c in report["chapters"]]
+    width = max([len(n) for n in names] + [len("total")])
+    rows = [(c["notebook"], c["seconds"], breakdown(c)) for c in report["chapters"]]
+    total = {k: sum(r[2][k] for r in rows) for k in COLUMNS}
+    grand = sum(r[1] for r in rows)
+    head = f"{'chapter':<{width}} {'wall s':>7} " + " ".join(f"{k:>{max(len(k), 7)}}" for k in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, seconds, split in rows + [("total", grand, total)]:
+        cells = " ".join(f"{split[k]:>{max(len(k), 7)}.1f}" for k in COLUMNS)
+        lines.append(f"{name:<{width}} {seconds:>7.1f} {cells}")
+    lines.append(f"{'share':<{width}} {'':>7} " + " ".join(
+        f"{(total[k] / grand if grand else 0):>{max(len(k), 7)}.0%}" for k in COLUMNS))
+    return "\n".join(lines)
+
+
+def slowest(report: dict, n: int = 5) -> str:
+    """The series' slowest cells, with their chapter and category."""
+    cells = [(c["seconds"], ch["notebook"], c["cell"], c.get("starts", "")) for ch in report["chapters"]
+             for c in ch.get("cells") or ch.get("slowest_cells", [])]
+    lines = ["slowest cells (of those recorded):"]
+    for seconds, notebook, index, starts in sorted(cells, reverse=True)[:n]:
+        lines.append(f"  {seconds:7.1f} s  {notebook} cell {index:<3} [{category(starts)}]  {starts}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", nargs="?", type=Path, default=None, help="default: outputs/run_times.json")
+    args = parser.parse_args(argv)
+    path = args.path or config.outputs_dir() / "run_times.json"
+    if not path.exists():
+        print(f"{path} not found: run `make run` (scripts/run_series.py) first; it writes this file.",
+              file=sys.stderr)
+        return 1
+    report = json.loads(path.read_text())
+    print(f"{path}: {report.get('model', '?')} model, {report.get('total_seconds', 0):.0f} s in all, "
+          f"finished {report.get('finished', '?')}\n")
+    print(table(report))
+    print()
+    print(slowest(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

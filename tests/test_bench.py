@@ -1,0 +1,167 @@
+"""The benchmarks in bench/: padding-free correctness with sdpa, and tiny end-to-end runs of each script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import config
+from utils.data import load_chat_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _conversations(tokenizer, n: int) -> list[list[int]]:
+    rows = load_chat_jsonl(config.DATASET_TRAIN)[:n]
+    return [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"] for r in rows]
+
+
+def _load(path: Path, attn: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("sliding_window", [None, 16])
+def test_packed_logits_equal_separate_logits(tiny_model_dir: Path, attn: str, sliding_window: int | None) -> None:
+    """Sequences packed into one row with restarting position ids, no attention mask, give each sequence's own
+    logits: transformers builds a block-diagonal causal mask from the position ids (sliding window included,
+    as Phi-3 Mini's config has one)."""
+    model, tokenizer = _load(tiny_model_dir, attn)
+    model.config.sliding_window = sliding_window
+    seqs = _conversations(tokenizer, 3)
+    assert len({len(s) for s in seqs}) > 1
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in seqs])
+        packed = torch.tensor([[t for s in seqs for t in s]])
+        positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+        together = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0]
+        mixed = model(input_ids=packed, use_cache=False).logits[0]
+    assert torch.allclose(together, alone, atol=1e-4), (together - alone).abs().max()
+    assert (mixed - alone).abs().max() > 1e-2, "control: without restarting position ids the sequences must mix"
+
+
+def test_padding_free_and_packed_batches_give_padded_batch_loss_and_gradients(tiny_model_dir: Path) -> None:
+    """TRL's collator gives the same loss and gradients with sdpa on CPU whether the conversations are padded,
+    concatenated padding-free (``padding_free=True``), or pre-packed into rows as ``packing=True`` with the
+    "bfd" strategy leaves them (``seq_lengths`` -> restarting position ids)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model, tokenizer = _load(tiny_model_dir, "sdpa")
+    model.train()
+    seqs = _conversations(tokenizer, 5)
+    layouts = {
+        "padded": (False, [{"input_ids": ids} for ids in seqs]),
+        "padding_free": (True, [{"input_ids": ids} for ids in seqs]),
+        "packed_rows": (True, [{"input_ids": seqs[0] + seqs[1] + seqs[2], "seq_lengths": [len(s) for s in seqs[:3]]},
+                               {"input_ids": seqs[3] + seqs[4], "seq_lengths": [len(s) for s in seqs[3:]]}]),
+    }
+    results = {}
+    for name, (padding_free, examples) in layouts.items():
+        collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)
+        batch = collator(examples)
+        assert ("attention_mask" in batch) is not padding_free
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results[name] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+    padded_loss, padded_grads = results.pop("padded")
+    for name, (loss, grads) in results.items():
+        assert math.isclose(padded_loss, loss, rel_tol=1e-5), name
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(padded_grads, grads)), name
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PHI3_LAB_OUTPUTS": str(tmp_path / "outputs")}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_packing_bench_tiny_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """bench/packing.py end to end on a few conversations: every setting trains on the same conversations and
+    real tokens, and the JSON has the documented shape."""
+    out = tmp_path / "packing.json"
+    _run(["bench/packing.py", "--model", str(tiny_model_dir), "--examples", "16", "--heldout", "4",
+          "--repeats", "1", "--no-warmup", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert set(settings) == {"padded_fixed", "dynamic_padding", "padding_free", "packing_bfd"}
+    assert result["baseline"] == "padded_fixed" and result["best"] in settings
+    assert result["ratio_best_vs_baseline"] >= 1.0
+    for key in ("command", "machine", "date"):
+        assert result[key]
+    for name, s in settings.items():
+        assert s["min"] <= s["median"] <= s["max"] and s["real_tokens_per_s"] > 0, name
+        assert math.isfinite(s["heldout_loss"]), name
+        assert s["conversations"] == 16 and s["real_tokens"] == settings["padded_fixed"]["real_tokens"], name
+    assert settings["padded_fixed"]["laid_out_tokens"] % 256 == 0
+    assert settings["padding_free"]["padding_fraction"] == settings["packing_bfd"]["padding_fraction"] == 0
+    assert settings["padded_fixed"]["hf_num_input_tokens_seen"] == settings["padded_fixed"]["real_tokens"]
+    same_batches = {settings[n]["heldout_loss"] for n in ("padded_fixed", "dynamic_padding", "padding_free")}
+    assert max(same_batches) - min(same_batches) < 1e-3
+    assert result["packed_logits_max_abs_diff"] < 1e-3
+
+
+def test_gpu_shape_tiny_run(tmp_path: Path) -> None:
+    """bench/gpu_shape.py at tiny scale on CPU: LoRA and QLoRA both measured through the GPU script's code."""
+    out = tmp_path / "gpu_shape.json"
+    _run(["bench/gpu_shape.py", "--scale", "tiny", "--budget-s", "8", "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert result["scale"] == "tiny" and result["dtype"] == "float32"
+    ok = [r for r in result["results"] if r["status"] == "ok"]
+    assert {r["method"] for r in ok} == {"lora", "qlora"}
+    for row in ok:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] <= 1 and row["peak_memory_mb"] > 0
+        assert all(math.isfinite(x) for x in row["losses"])
+    assert set(result["best"]) <= {f"{m}@{s}" for m in ("lora", "qlora") for s in (32, 64)}
+    assert result["parameters"]["total"] > result["parameters"]["matmul"] > 0
+    assert result["models"]["qlora"]["nf4_layers"] == 4 * 2 and result["models"]["lora"]["nf4_layers"] == 0
+    assert result["matmul_flops_per_s"] > 0 and result["command"] and result["date"]
+
+
+def test_gpu_shape_counts_phi3_mini_on_meta() -> None:
+    """Phi-3 Mini's published shape has 3,821,079,552 parameters; counting them allocates nothing."""
+    from bench.gpu_shape import PHI3_MINI, PHI3_MINI_PARAMETERS, count_on_meta
+
+    params = count_on_meta(PHI3_MINI)
+    assert params["total"] == PHI3_MINI_PARAMETERS == 3_821_079_552
+    assert params["embedding"] == 32064 * 3072
+
+
+def test_gpu_shape_check_rejects_absurd_numbers() -> None:
+    """The self-checks stop on NaN loss, MFU above 100% and non-positive throughput."""
+    from bench.gpu_shape import Implausible, check
+
+    good = {"losses": [10.3], "tokens_per_s": 1000.0, "mfu": 0.4}
+    check(good, 32064)
+    for bad in ({"losses": [float("nan")]}, {"mfu": 1.2}, {"tokens_per_s": 0.0}, {"losses": [80.0]}):
+        with pytest.raises(Implausible):
+            check({**good, **bad}, 32064)
+
+
+def test_series_time_table(tmp_path: Path) -> None:
+    """bench/series_time.py splits each chapter's time into kernel overhead and the kinds of its slowest cells."""
+    from bench.series_time import breakdown, main
+
+    chapter = {"notebook": "03_lora_finetuning.ipynb", "seconds": 100.0, "cells_seconds": 90.0,
+               "slowest_cells": [{"cell": 9, "seconds": 60.0, "starts": "from utils.training import train_sft"},
+                                 {"cell": 12, "seconds": 20.0, "starts": "after = evaluate_generation(trainer.model"},
+                                 {"cell": 2, "seconds": 5.0, "starts": "import pandas as pd"}]}
+    split = breakdown(chapter)
+    assert split["kernel + overhead"] == 10.0 and split["training"] == 60.0 and split["evaluation"] == 20.0
+    assert split["imports/setup"] == 5.0 and split["rest of cells"] == 5.0
+    path = tmp_path / "run_times.json"
+    path.write_text(json.dumps({"model": "miniature", "total_seconds": 100.0, "chapters": [chapter]}))
+    assert main([str(path)]) == 0
+    assert main([str(tmp_path / "missing.json")]) == 1
