@@ -52,7 +52,8 @@ SETTING_NOTES: dict[str, str] = {
     "bf16": "train in bfloat16 (from the hardware report: Ampere+ GPUs)",
     "fp16": "train in float16 with loss scaling (older GPUs)",
     "gradient_checkpointing": "recompute activations in the backward pass: ~30% slower, far less memory",
-    "max_length": "tokens per example; longer ones are truncated (chapter 01 shows none are)",
+    "max_length": "tokens per example, longer ones truncated; None with padding_free (check lengths in 01)",
+    "padding_free": "concatenate a batch into one row, no pad tokens: 2.5-3x real tokens/s here (bench/)",
     "seed": "makes data order and initialisation repeatable",
     "r": "rank of the update B·A; 8-64 (higher = more capacity, more parameters)",
     "lora_alpha": "scale of the update is alpha / r; commonly r or 2r",
@@ -84,7 +85,8 @@ def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
         "bf16": hardware.dtype == torch.bfloat16,
         "fp16": hardware.dtype == torch.float16,
         "gradient_checkpointing": not miniature,
-        "max_length": 256 if miniature else 1024,
+        "max_length": None,
+        "padding_free": True,
         "seed": 42,
     }
 
