@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.evaluation import (REQUIRED_VARIANTS, check_results, evaluate_variant, field_accuracy, parse_ticket,
-                              per_category, write_results)
+from utils.evaluation import (REQUIRED_VARIANTS, check_results, evaluate_variant, field_accuracy, fields_correct,
+                              parse_ticket, per_category, write_results)
 from utils.metrics import Generation, score_generations
 
 BOOK = "BOOK | room: atlas | people: 4 | day: thu | time: 10:00"
@@ -48,6 +48,8 @@ def test_field_accuracy_counts_each_reference_field():
                                                    "floor": pytest.approx(2 / 3), "priority": pytest.approx(1 / 3)}
     mixed = field_accuracy([BOOK, BOOK], [BOOK, FIX])
     assert mixed["kind"] == 0.5 and mixed["room"] == 1.0 and mixed["item"] == 0.0
+    assert fields_correct(answers, references) == pytest.approx(6 / 12)
+    assert fields_correct([FIX], [FIX]) == 1.0 and fields_correct([""], [FIX]) == 0.0
 
 
 def test_per_category_splits_the_scores():
@@ -75,6 +77,7 @@ def test_write_results_shape_and_ranges(tmp_path: Path):
 @pytest.mark.parametrize("broken, expected", [
     ({"lora": metrics(exact_match=1.5)}, 'lora: "exact_match" is a rate'),
     ({"lora": metrics(stop_rate=-0.1)}, 'lora: "stop_rate" is a rate'),
+    ({"lora": metrics(fields_correct=2.0)}, 'lora: "fields_correct" is a rate'),
     ({"lora": metrics(eval_loss=float("nan"))}, 'lora: "eval_loss" must be a finite number'),
     ({"lora": {k: v for k, v in metrics().items() if k != "rouge_l"}}, 'lora: "rouge_l" must be a finite number'),
 ])
@@ -106,6 +109,6 @@ def test_evaluate_variant_on_the_tiny_miniature(tiny_model_dir: Path):
     assert all(0.0 <= result[k] <= 1.0 for k in ("exact_match", "rouge_l", "stop_rate"))
     assert sum(c["n"] for c in result["per_category"].values()) == 3
     assert set(result["per_category"]) == {r["category"] for r in rows}
-    assert "kind" in result["field_accuracy"]
+    assert "kind" in result["field_accuracy"] and 0.0 <= result["fields_correct"] <= 1.0
     assert check_results({"model": str(tiny_model_dir), "n_test": 3,
                           "variants": dict.fromkeys(REQUIRED_VARIANTS, result)}) == []

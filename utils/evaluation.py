@@ -16,7 +16,7 @@ from utils.metrics import Generation, assistant_loss, generate, perplexity, scor
 from utils.prompts import Conversation, prompt_messages, reference_answer
 
 REQUIRED_METRICS: tuple[str, ...] = ("eval_loss", "perplexity", "exact_match", "rouge_l", "stop_rate")
-RATE_METRICS: tuple[str, ...] = ("exact_match", "rouge_l", "stop_rate")
+RATE_METRICS: tuple[str, ...] = ("exact_match", "rouge_l", "stop_rate", "fields_correct")
 REQUIRED_VARIANTS: tuple[str, ...] = ("base", "lora", "qlora", "lora_merged", "qlora_merged")
 KIND = "kind"
 
@@ -37,8 +37,7 @@ def parse_ticket(text: str) -> dict[str, str]:
     return fields
 
 
-def field_accuracy(answers: list[str], references: list[str]) -> dict[str, float]:
-    """Per field of the references (``kind``, ``item``, ``qty``, ...): share of answers with exactly that value."""
+def _field_hits(answers: list[str], references: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     hits: dict[str, int] = {}
     totals: dict[str, int] = {}
     for answer, reference in zip(answers, references):
@@ -46,7 +45,19 @@ def field_accuracy(answers: list[str], references: list[str]) -> dict[str, float
         for key, value in parse_ticket(reference).items():
             totals[key] = totals.get(key, 0) + 1
             hits[key] = hits.get(key, 0) + int(got.get(key) == value)
+    return hits, totals
+
+
+def field_accuracy(answers: list[str], references: list[str]) -> dict[str, float]:
+    """Per field of the references (``kind``, ``item``, ``qty``, ...): share of answers with exactly that value."""
+    hits, totals = _field_hits(answers, references)
     return {key: hits[key] / totals[key] for key in totals}
+
+
+def fields_correct(answers: list[str], references: list[str]) -> float:
+    """Share of all the references' fields (``kind`` included) that the answers reproduce exactly."""
+    hits, totals = _field_hits(answers, references)
+    return sum(hits.values()) / max(sum(totals.values()), 1)
 
 
 def per_category(conversations: list[Conversation], answers: list[Generation],
@@ -71,6 +82,7 @@ def evaluate_variant(model: Any, tokenizer: Any, conversations: list[Conversatio
     answers = generate(model, tokenizer, [prompt_messages(c) for c in conversations], max_new_tokens, batch_size)
     references = [reference_answer(c) for c in conversations]
     metrics = {"eval_loss": loss, "perplexity": perplexity(loss), **score_generations(conversations, answers),
+               "fields_correct": fields_correct([a.text for a in answers], references),
                "per_category": per_category(conversations, answers, categories),
                "field_accuracy": field_accuracy([a.text for a in answers], references)}
     return metrics, answers
@@ -86,7 +98,7 @@ def check_results(results: dict[str, Any]) -> list[str]:
     variants = results["variants"]
     problems += [f'variant "{name}" is missing' for name in REQUIRED_VARIANTS if name not in variants]
     for name, metrics in variants.items():
-        for key in REQUIRED_METRICS:
+        for key in REQUIRED_METRICS + tuple(k for k in RATE_METRICS if k in metrics and k not in REQUIRED_METRICS):
             value = metrics.get(key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 problems.append(f'{name}: "{key}" must be a finite number, got {value!r}')
@@ -97,9 +109,10 @@ def check_results(results: dict[str, Any]) -> list[str]:
     return problems
 
 
-def write_results(path: Path, model_id: str, n_test: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Check and write ``{"model", "n_test", "variants"}`` as JSON to ``path``; returns what was written."""
-    results = {"model": model_id, "n_test": n_test, "variants": variants}
+def write_results(path: Path, model_id: str, n_test: int, variants: dict[str, dict[str, Any]],
+                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check and write ``{"model", "n_test", "variants"}`` (plus ``settings``) as JSON; returns what was written."""
+    results = {"model": model_id, "n_test": n_test, "variants": variants, **({"settings": settings} if settings else {})}
     problems = check_results(results)
     if problems:
         raise ValueError("results not written:\n" + "\n".join(problems))
