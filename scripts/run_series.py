@@ -38,7 +38,7 @@ WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def strip_volatile(nb: nbformat.NotebookNode) -> None:
-    """Drop timing metadata and ipywidgets state (progress bars) so stored notebooks diff cleanly."""
+    """Drop timing metadata and ipywidgets state (progress bars), join streamed text, so notebooks diff cleanly."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
         cell.get("metadata", {}).pop("execution", None)
@@ -47,7 +47,16 @@ def strip_volatile(nb: nbformat.NotebookNode) -> None:
             if WIDGET in data:
                 data.pop(WIDGET)
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if o.get("output_type") != "display_data" or o.get("data")]
+            merged: list = []
+            for o in cell.outputs:
+                if o.get("output_type") == "display_data" and not o.get("data"):
+                    continue
+                if (merged and o.get("output_type") == "stream" and merged[-1].get("output_type") == "stream"
+                        and merged[-1].get("name") == o.get("name")):
+                    merged[-1]["text"] += o["text"]
+                    continue
+                merged.append(o)
+            cell.outputs = merged
 
 
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
