@@ -39,9 +39,10 @@ BATCH = 16
 
 # name -> (SFTConfig settings on top of chapter 03's training_config, what it is)
 SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
-    "padded_fixed": ({"per_device_train_batch_size": BATCH, "max_length": 256, "pad_to_multiple_of": 256},
+    "padded_fixed": ({"per_device_train_batch_size": BATCH, "max_length": 256, "pad_to_multiple_of": 256,
+                      "padding_free": False},
                      "every batch padded to max_length 256, as in the Phi-3 cookbook"),
-    "dynamic_padding": ({"per_device_train_batch_size": BATCH, "max_length": 256},
+    "dynamic_padding": ({"per_device_train_batch_size": BATCH, "max_length": 256, "padding_free": False},
                         "padded to the longest conversation of each batch (TRL's default)"),
     "padding_free": ({"per_device_train_batch_size": BATCH, "padding_free": True, "max_length": None},
                      "the same 16 conversations per batch, concatenated into one row, no padding"),
