@@ -21,7 +21,10 @@ def loss_history(trainer: Any) -> list[dict]:
 
 def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, learning_rate: float, seed: int,
                output_dir: Path, progress: bool = True, batch_size: int = 32) -> list[dict]:
-    """Full-parameter SFT on assistant tokens (the miniature's base pre-training); returns the loss history."""
+    """Full-parameter training on every token (the miniature's base pre-training); returns the loss history.
+
+    Like real pre-training, the loss covers prompts too, so every word the model reads it also learns to write.
+    """
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
