@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -24,14 +25,18 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(prediction.strip() == reference.strip())
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure (``rouge_score``, no download); an empty prediction or reference scores 0."""
+@cache
+def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (``rouge_score``, no download); an empty prediction or reference scores 0."""
     if not prediction.strip() or not reference.strip():
         return 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return scorer.score(reference, prediction)["rougeL"].fmeasure
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 @torch.inference_mode()

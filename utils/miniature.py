@@ -34,7 +34,6 @@ class MiniatureSpec:
     pretrain_epochs: float = 3.0
     learning_rate: float = 2e-3
     batch_size: int = 32
-    tie_word_embeddings: bool = False
     seed: int = 0
 
 
@@ -67,8 +66,7 @@ def build_model(tokenizer: Any, spec: MiniatureSpec) -> Any:
                      intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
                      num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
                      max_position_embeddings=spec.max_position_embeddings,
-                     original_max_position_embeddings=spec.max_position_embeddings,
-                     tie_word_embeddings=spec.tie_word_embeddings,
+                     original_max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
                      bos_token_id=None, eos_token_id=eot_id, pad_token_id=eot_id)
     model = Phi3ForCausalLM(cfg)
     model.generation_config = GenerationConfig(eos_token_id=[end_id, eot_id], pad_token_id=eot_id,

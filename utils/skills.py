@@ -107,18 +107,16 @@ SKILLS: dict[str, Callable[[random.Random], Conversation]] = {
 }
 
 
-SKILL_WEIGHTS: dict[str, int] = {}
 HELDOUT_SKILLS = [s for s in SKILLS if s != "short_forms"]
 
 
 def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,
                           skills: list[str] | None = None) -> list[dict]:
-    """``n`` conversations (``{"messages", "skill"}``), skills in turn (``SKILL_WEIGHTS`` times each), none
-    whose prompt is in ``exclude``."""
+    """``n`` conversations (``{"messages", "skill"}``), skills in turn, none whose prompt is in ``exclude``."""
     rng = random.Random(seed)
     excluded = exclude or set()
     rows: list[dict] = []
-    names = skills or [s for s in SKILLS for _ in range(SKILL_WEIGHTS.get(s, 1))]
+    names = skills or list(SKILLS)
     for _ in range(100 * n):
         if len(rows) == n:
             return rows
