@@ -27,14 +27,15 @@ class MiniatureSpec:
     hidden_size: int = 128
     intermediate_size: int = 512
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    num_attention_heads: int = 8
     max_position_embeddings: int = 512
-    pretrain_examples: int = 8000
+    pretrain_examples: int = 16000
     heldout_examples: int = 200
-    pretrain_epochs: float = 3.0
-    learning_rate: float = 2e-3
-    batch_size: int = 32
+    pretrain_epochs: float = 2.0
+    learning_rate: float = 3e-3
+    batch_size: int = 16
     seed: int = 0
+    padding_free: bool = True
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -100,6 +101,7 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     t0 = time.perf_counter()
     history = train_full(model, tokenizer, train_rows, epochs=spec.pretrain_epochs,
                          learning_rate=spec.learning_rate, seed=spec.seed, progress=progress, batch_size=spec.batch_size,
+                         padding_free=spec.padding_free,
                          output_dir=path.parent / f"{path.name}-trainer")
     train_seconds = time.perf_counter() - t0
     after, answers = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)

@@ -1,11 +1,13 @@
 """General-skills chat corpus used to pre-train the miniature Phi-3 before any LoRA.
 
-Phi-3 Mini arrives as a working instruction model; the miniature should too. Six small skills, each a chat
-turn with a checkable answer: reading a field from a record, reversing a list, converting metric units,
-repeating words (or writing them in capitals), picking the word of a given kind (a colour, a day, a thing) out
-of a list, and short forms (number words as digits, weekday codes, 24-hour times). The word lists are a small
-everyday English vocabulary (common words, colours, weekdays, office things), as any real pre-training corpus
-has; the tokenizer is trained on the same corpus.
+Phi-3 Mini arrives as a working instruction model that can already read a request: it knows which word is a
+thing, a colour or a weekday, what "asap" means, that "5 pm" is 17:00. The miniature should too, or LoRA would
+have to teach it reading and the house format at once. Four small skills, each a chat turn with a checkable
+answer: tagging the words of an office-flavoured note with normalised values (the main one), short forms
+(number words as digits, weekday codes, 24-hour times), picking the word of a given kind out of a list, and
+converting metric units. The word lists are a small everyday office vocabulary, as any real pre-training corpus
+has; the tokenizer is trained on the same corpus. The house format itself (ORDER/BOOK/FIX lines and their
+fields) never occurs here: that is what the fine-tuning chapters teach.
 """
 
 from __future__ import annotations
@@ -20,34 +22,14 @@ CITIES = ["oslo", "lima", "kyiv", "rome", "baku", "doha", "riga", "suva", "bern"
 PETS = ["cat", "dog", "owl", "fox", "eel", "yak", "bee", "cod"]
 COLORS = ["red", "blue", "green", "black", "white", "pink", "grey", "gold"]
 THINGS = ["mug", "chair", "lamp", "desk", "cable", "monitor", "notebook", "pen", "printer", "projector", "door",
-          "heater", "sink", "window", "atlas", "birch", "cedar", "delta"]
+          "heater", "sink", "window"]
+ROOMS = ["atlas", "birch", "cedar", "delta", "oak", "pine", "maple", "sigma"]
 DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday"]
 COMMON = ("a an and another are at be before blocking book broken by can colour could day delivered did each "
           "for free from get have hi hold i ideally in is it low meeting more need needs new no not of on one ones "
           "our order people please priority repair reserve room rush someone stopped the them this time to urgent "
           "urgently us we when whenever with working you floor also asap box office team week fix send").split()
-WORDS = ["sun", "tree", "rock", "wave", "leaf", "star", "rain", "sand", "wind", "snow", "moon", "fire"] + THINGS
 UNITS = [("km", "m", "000"), ("m", "cm", "00"), ("kg", "g", "000"), ("l", "ml", "000"), ("cm", "mm", "0")]
-
-
-def _record(rng: random.Random) -> Conversation:
-    fields = {"name": rng.choice(NAMES), "city": rng.choice(CITIES), "pet": rng.choice(PETS),
-              "color": rng.choice(COLORS), "age": str(rng.randint(10, 89)), "item": rng.choice(THINGS),
-              "day": rng.choice(DAYS), "floor": str(rng.randint(1, 9))}
-    keys = rng.sample(list(fields), k=rng.randint(3, 5))
-    asked = rng.choice(keys)
-    record = rng.choice(["; ", " | ", ", "]).join(f"{k}={fields[k]}" for k in keys)
-    question = rng.choice(["What is the {k}?", "Give me the {k}.", "Which {k} is listed?", "{k}?"]).format(k=asked)
-    return [{"role": "user", "content": f"Record: {record}\n{question}"},
-            {"role": "assistant", "content": fields[asked]}]
-
-
-def _reverse(rng: random.Random) -> Conversation:
-    pool = rng.choice([WORDS, COMMON, [str(d) for d in range(10)]])
-    items = [rng.choice(pool) for _ in range(rng.randint(3, 5))]
-    ask = rng.choice(["Reverse this list: {}", "Reverse: {}", "Write {} backwards, item by item."])
-    return [{"role": "user", "content": ask.format(" ".join(items))},
-            {"role": "assistant", "content": " ".join(reversed(items))}]
 
 
 def _convert(rng: random.Random) -> Conversation:
@@ -56,15 +38,6 @@ def _convert(rng: random.Random) -> Conversation:
     ask = rng.choice(["Convert {v} {a} to {b}.", "How many {b} is {v} {a}?", "{v} {a} in {b}?"])
     return [{"role": "user", "content": ask.format(v=value, a=big, b=small)},
             {"role": "assistant", "content": f"{value}{zeros} {small}"}]
-
-
-def _repeat(rng: random.Random) -> Conversation:
-    words = [rng.choice(WORDS + CITIES + COLORS + DAYS + COMMON + NAMES) for _ in range(rng.randint(2, 5))]
-    text = " ".join(words)
-    if rng.random() < 0.25:
-        return [{"role": "user", "content": f"Write in capitals: {text}"}, {"role": "assistant", "content": text.upper()}]
-    ask = rng.choice(["Repeat after me: {}", "Say again: {}", "Echo: {}"])
-    return [{"role": "user", "content": ask.format(text)}, {"role": "assistant", "content": "OK: " + text}]
 
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -101,22 +74,78 @@ def _pick_category(rng: random.Random) -> Conversation:
             {"role": "assistant", "content": answer}]
 
 
+URGENT = ["asap", "it is urgent", "urgently please", "this is blocking us", "right now", "immediately",
+          "top priority", "as fast as possible"]
+CALM = ["when you can", "no rush", "low priority", "whenever someone is free", "any time", "not urgent",
+        "next week is fine", "take your time"]
+
+
+def _hour_text(rng: random.Random, hour: int) -> str:
+    """An hour as 3pm, 3 pm or 15:00."""
+    twelve = hour - 12 if hour > 12 else hour
+    suffix = "pm" if hour >= 12 else "am"
+    return rng.choice([f"{twelve}{suffix}", f"{twelve} {suffix}", f"{hour:02d}:00"])
+
+
+def _tag_slot(rng: random.Random, kind: str) -> tuple[str, str]:
+    """(phrase in the text, normalised value) for one kind of word."""
+    if kind == "day":
+        day = rng.choice(DAYS)
+        return rng.choice(["on {}", "by {}", "next {}", "{} morning"]).format(
+            rng.choice([day, day.capitalize(), day[:3]])), day[:3]
+    if kind == "time":
+        hour = rng.randint(8, 18)
+        return rng.choice(["at {}", "{} sharp", "around {}"]).format(_hour_text(rng, hour)), f"{hour:02d}:00"
+    if kind == "count":
+        n = rng.randint(1, 12)
+        text = NUMBER_WORDS[n] if rng.random() < 0.5 else str(n)
+        return rng.choice(["{} of them", "we are {}", "{} in total", "about {}"]).format(text), str(n)
+    if kind == "urgency":
+        high = rng.random() < 0.5
+        return rng.choice(URGENT if high else CALM), "high" if high else "low"
+    word = rng.choice(TAG_WORDS[kind])
+    written = word.capitalize() if kind == "room" and rng.random() < 0.4 else word
+    return rng.choice(TAG_TEMPLATES[kind]).format(written), word
+
+
+FILLER = [w for w in COMMON if w not in " ".join(URGENT + CALM).split()]
+TAG_ORDER = ["thing", "count", "color", "room", "day", "time", "urgency"]
+TAG_TEMPLATES = {"thing": ["the {}", "a {}", "my {}", "that {}"],
+                 "color": ["in {}", "{} one", "painted {}", "{} please"],
+                 "room": ["the {} room", "room {}", "in {}"]}
+TAG_WORDS = {"thing": THINGS, "color": COLORS, "room": ROOMS}
+
+
+def _tag(rng: random.Random) -> Conversation:
+    """Tag two to four words of a note (with filler words) by kind, values normalised, kinds in a fixed order."""
+    kinds = rng.sample(TAG_ORDER, k=rng.randint(2, 4))
+    slots = {k: _tag_slot(rng, k) for k in kinds}
+    parts = [phrase for phrase, _ in slots.values()] + [rng.choice(FILLER) for _ in range(rng.randint(0, 3))]
+    rng.shuffle(parts)
+    ask = rng.choice(["Tag the words: {}", "Label each word in: {}", "{} - tag it."])
+    answer = " | ".join(f"{k}: {slots[k][1]}" for k in TAG_ORDER if k in slots)
+    return [{"role": "user", "content": ask.format(" ".join(parts))}, {"role": "assistant", "content": answer}]
+
+
 SKILLS: dict[str, Callable[[random.Random], Conversation]] = {
-    "record_field": _record, "reverse_list": _reverse, "unit_conversion": _convert,
-    "repeat": _repeat, "pick_category": _pick_category, "short_forms": _short_forms,
+    "tag": _tag, "short_forms": _short_forms, "pick_category": _pick_category, "unit_conversion": _convert,
 }
-
-
-HELDOUT_SKILLS = [s for s in SKILLS if s != "short_forms"]
+# Conversations per skill in every ten: tagging is what the house format leans on, so it gets most of the minute.
+PRETRAIN_MIX = {"tag": 6, "short_forms": 2, "pick_category": 1, "unit_conversion": 1}
+# Short forms are facts to know rather than a procedure to generalise, so the held-out split leaves them out.
+HELDOUT_SKILLS = ["tag", "pick_category", "unit_conversion"]
 
 
 def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,
                           skills: list[str] | None = None) -> list[dict]:
-    """``n`` conversations (``{"messages", "skill"}``), skills in turn, none whose prompt is in ``exclude``."""
+    """``n`` conversations (``{"messages", "skill"}``), skills in turn, none whose prompt is in ``exclude``.
+
+    Without ``skills`` the turn follows ``PRETRAIN_MIX`` (six tagging conversations in every ten, ...).
+    """
     rng = random.Random(seed)
     excluded = exclude or set()
     rows: list[dict] = []
-    names = skills or list(SKILLS)
+    names = skills or [s for s, weight in PRETRAIN_MIX.items() for _ in range(weight)]
     for _ in range(100 * n):
         if len(rows) == n:
             return rows
@@ -128,10 +157,7 @@ def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,
 
 
 def train_test_corpus(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """A training corpus and a held-out split whose prompts never occur in training.
-
-    Short forms are facts to know rather than a procedure to generalise, so the held-out split leaves them out.
-    """
+    """A training corpus (``PRETRAIN_MIX``) and a held-out split whose prompts never occur in training."""
     train = general_skills_corpus(n_train, seed)
     test = general_skills_corpus(n_test, seed + 1, exclude={r["messages"][0]["content"] for r in train},
                                  skills=HELDOUT_SKILLS)

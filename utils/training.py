@@ -20,10 +20,12 @@ def loss_history(trainer: Any) -> list[dict]:
 
 
 def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, learning_rate: float, seed: int,
-               output_dir: Path, progress: bool = True, batch_size: int = 32) -> list[dict]:
+               output_dir: Path, progress: bool = True, batch_size: int = 32,
+               padding_free: bool = False) -> list[dict]:
     """Full-parameter training on every token (the miniature's base pre-training); returns the loss history.
 
     Like real pre-training, the loss covers prompts too, so every word the model reads it also learns to write.
+    ``padding_free`` packs each batch into one row without pad tokens (1.24x faster for the miniature here).
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -31,7 +33,8 @@ def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, lear
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, lr_scheduler_type="cosine", warmup_steps=0.05,
         weight_decay=0.01, logging_steps=25, save_strategy="no", report_to="none", seed=seed,
-        bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=False, max_length=256,
+        bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=False,
+        max_length=None if padding_free else 256, padding_free=padding_free,
         disable_tqdm=not progress, dataloader_pin_memory=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
     trainer.train()
@@ -72,16 +75,16 @@ def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
     import torch
 
     return {
-        "learning_rate": 4e-3 if miniature else 2e-4,
+        "learning_rate": 8e-3 if miniature else 2e-4,
         "per_device_train_batch_size": 16 if miniature else 4,
         "gradient_accumulation_steps": 1 if miniature else 4,
-        "num_train_epochs": 8 if miniature else 1,
+        "num_train_epochs": 12 if miniature else 1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05,
         "weight_decay": 0.0,
         "logging_steps": 5,
         "eval_strategy": "steps",
-        "eval_steps": 60 if miniature else 50,
+        "eval_steps": 120 if miniature else 50,
         "save_strategy": "steps",
         "save_steps": 60 if miniature else 50,
         "save_total_limit": 2,

@@ -1,0 +1,54 @@
+"""The pre-training corpus: checkable answers, the mix it promises, and never the house format itself."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+from utils import config
+from utils.data import load_chat_jsonl
+from utils.skills import DAYS, HELDOUT_SKILLS, NUMBER_WORDS, PRETRAIN_MIX, TAG_ORDER, _tag, train_test_corpus
+
+
+def _tag_fields(answer: str) -> dict[str, str]:
+    return dict(part.split(": ", 1) for part in answer.split(" | "))
+
+
+def test_tag_answers_are_normalised_and_in_a_fixed_order() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        note, answer = (m["content"] for m in _tag(rng))
+        fields = _tag_fields(answer)
+        assert 2 <= len(fields) <= 4
+        assert list(fields) == [k for k in TAG_ORDER if k in fields]
+        if "day" in fields:
+            assert fields["day"] in {d[:3] for d in DAYS}
+            assert re.search(rf"\b({fields['day']})", note.lower())
+        if "time" in fields:
+            assert re.fullmatch(r"(0[89]|1[0-8]):00", fields["time"])
+        if "count" in fields:
+            n = int(fields["count"])
+            assert re.search(rf"\b({n}|{NUMBER_WORDS[n]})\b", note)
+        if "urgency" in fields:
+            assert fields["urgency"] in {"high", "low"}
+        for kind in ("thing", "color", "room"):
+            if kind in fields:
+                assert fields[kind] in note.lower()
+
+
+def test_corpus_follows_the_mix_and_holds_out_unseen_prompts() -> None:
+    train, test = train_test_corpus(200, 30, seed=3)
+    counts = Counter(r["skill"] for r in train)
+    assert counts == {skill: 20 * weight for skill, weight in PRETRAIN_MIX.items()}
+    assert {r["skill"] for r in test} <= set(HELDOUT_SKILLS)
+    assert not {r["messages"][0]["content"] for r in test} & {r["messages"][0]["content"] for r in train}
+
+
+def test_house_format_never_occurs_in_pre_training() -> None:
+    train, _ = train_test_corpus(3000, 10)
+    text = "\n".join(m["content"] for r in train for m in r["messages"])
+    for marker in ("ORDER |", "BOOK |", "FIX |", "item:", "qty:", "due:", "priority:", "people:", "floor:"):
+        assert marker not in text, marker
+    house_answers = {r["messages"][-1]["content"] for r in load_chat_jsonl(config.DATASET_TEST)}
+    assert not house_answers & set(text.splitlines())
