@@ -78,6 +78,12 @@ URGENT = ["asap", "it is urgent", "urgently please", "this is blocking us", "rig
           "top priority", "as fast as possible"]
 CALM = ["when you can", "no rush", "low priority", "whenever someone is free", "any time", "not urgent",
         "next week is fine", "take your time"]
+FILLER = [w for w in COMMON if w not in " ".join(URGENT + CALM).split()]
+TAG_ORDER = ["thing", "count", "color", "room", "day", "time", "urgency"]
+TAG_TEMPLATES = {"thing": ["the {}", "a {}", "my {}", "that {}"],
+                 "color": ["in {}", "{} one", "painted {}", "{} please"],
+                 "room": ["the {} room", "room {}", "in {}"]}
+TAG_WORDS = {"thing": THINGS, "color": COLORS, "room": ROOMS}
 
 
 def _hour_text(rng: random.Random, hour: int) -> str:
@@ -106,14 +112,6 @@ def _tag_slot(rng: random.Random, kind: str) -> tuple[str, str]:
     word = rng.choice(TAG_WORDS[kind])
     written = word.capitalize() if kind == "room" and rng.random() < 0.4 else word
     return rng.choice(TAG_TEMPLATES[kind]).format(written), word
-
-
-FILLER = [w for w in COMMON if w not in " ".join(URGENT + CALM).split()]
-TAG_ORDER = ["thing", "count", "color", "room", "day", "time", "urgency"]
-TAG_TEMPLATES = {"thing": ["the {}", "a {}", "my {}", "that {}"],
-                 "color": ["in {}", "{} one", "painted {}", "{} please"],
-                 "room": ["the {} room", "room {}", "in {}"]}
-TAG_WORDS = {"thing": THINGS, "color": COLORS, "room": ROOMS}
 
 
 def _tag(rng: random.Random) -> Conversation:
