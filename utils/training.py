@@ -78,7 +78,7 @@ def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
         "learning_rate": 8e-3 if miniature else 2e-4,
         "per_device_train_batch_size": 16 if miniature else 4,
         "gradient_accumulation_steps": 1 if miniature else 4,
-        "num_train_epochs": 12 if miniature else 1,
+        "num_train_epochs": 8 if miniature else 1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05,
         "weight_decay": 0.0,
