@@ -131,7 +131,7 @@ SKILLS: dict[str, Callable[[random.Random], Conversation]] = {
 # Conversations per skill in every ten: tagging is what the house format leans on, so it gets most of the minute.
 PRETRAIN_MIX = {"tag": 6, "short_forms": 2, "pick_category": 1, "unit_conversion": 1}
 # Short forms are facts to know rather than a procedure to generalise, so the held-out split leaves them out.
-HELDOUT_SKILLS = ["tag", "pick_category", "unit_conversion"]
+HELDOUT_SKILLS = [s for s in PRETRAIN_MIX if s != "short_forms"]
 
 
 def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,
