@@ -113,6 +113,30 @@ def test_packing_bench_tiny_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert result["packed_logits_max_abs_diff"] < 1e-3
 
 
+def test_seed_sweep_tiny_run(tmp_path: Path) -> None:
+    """bench/seed_sweep.py on two tiny builds: each seed builds its own base (different weights), every tagging
+    kind is scored, and the summary is computed from the runs."""
+    out = tmp_path / "seed_sweep.json"
+    _run(["bench/seed_sweep.py", "--seeds", "0", "1", "--spec", "tiny", "--examples", "16", "--heldout", "4",
+          "--out", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    from utils.skills import TAG_ORDER
+
+    for run in runs:
+        assert set(run["base_tagging_per_kind"]) == set(TAG_ORDER)
+        assert all(0 <= v <= 1 for v in run["base_tagging_per_kind"].values())
+        assert run["base_tagging_per_kind"][run["base_worst_kind"]] == min(run["base_tagging_per_kind"].values())
+        assert 0 <= run["lora_exact_match"] <= 1 and "kind" in run["lora_field_accuracy"]
+    em = [r["lora_exact_match"] for r in runs]
+    assert result["lora_exact_match"]["min"] == min(em) and result["lora_exact_match"]["max"] == max(em)
+    weights = [(tmp_path / "outputs" / "bench" / "seed-sweep" / f"seed-{s}" / "model.safetensors").read_bytes()
+               for s in (0, 1)]
+    assert weights[0] != weights[1]
+    assert result["command"].startswith(".venv/bin/python bench/seed_sweep.py") and result["date"]
+
+
 def test_gpu_shape_tiny_run(tmp_path: Path) -> None:
     """bench/gpu_shape.py at tiny scale on CPU: LoRA and QLoRA both measured through the GPU script's code."""
     out = tmp_path / "gpu_shape.json"

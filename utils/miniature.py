@@ -35,7 +35,6 @@ class MiniatureSpec:
     learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
-    padding_free: bool = True
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -101,7 +100,6 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     t0 = time.perf_counter()
     history = train_full(model, tokenizer, train_rows, epochs=spec.pretrain_epochs,
                          learning_rate=spec.learning_rate, seed=spec.seed, progress=progress, batch_size=spec.batch_size,
-                         padding_free=spec.padding_free,
                          output_dir=path.parent / f"{path.name}-trainer")
     train_seconds = time.perf_counter() - t0
     after, answers = evaluate_generation(model, tokenizer, test_convs, max_new_tokens=16)

@@ -17,9 +17,6 @@ from collections.abc import Callable
 
 from utils.prompts import Conversation
 
-NAMES = ["ana", "bo", "cai", "dev", "eli", "fay", "gus", "hana", "ivo", "jun", "kai", "lea", "max", "nia"]
-CITIES = ["oslo", "lima", "kyiv", "rome", "baku", "doha", "riga", "suva", "bern", "cork", "nice", "porto"]
-PETS = ["cat", "dog", "owl", "fox", "eel", "yak", "bee", "cod"]
 COLORS = ["red", "blue", "green", "black", "white", "pink", "grey", "gold"]
 THINGS = ["mug", "chair", "lamp", "desk", "cable", "monitor", "notebook", "pen", "printer", "projector", "door",
           "heater", "sink", "window"]
@@ -60,7 +57,10 @@ def _short_forms(rng: random.Random) -> Conversation:
     return [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]
 
 
-CATEGORIES = {"color": COLORS, "city": CITIES, "day": DAYS, "pet": PETS, "thing": THINGS, "name": NAMES}
+# The kinds of word the notes are tagged by: finding one of them in a list is the tagging skill in its simplest form.
+# Measured on six pre-training seeds: with cities, pets and names here instead of rooms, one build in four never
+# learned to find rooms (or colours) in a note; with these four, all six learned every kind.
+CATEGORIES = {"color": COLORS, "thing": THINGS, "room": ROOMS, "day": DAYS}
 
 
 def _pick_category(rng: random.Random) -> Conversation:

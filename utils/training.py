@@ -1,4 +1,4 @@
-"""The shared TRL recipe: one ``SFTConfig`` builder and the training calls chapters 00, 03 and 04 use."""
+"""The shared training recipe: the miniature's pre-training (chapter 00) and one TRL ``SFTConfig`` builder (03, 04)."""
 
 from __future__ import annotations
 
@@ -20,23 +20,27 @@ def loss_history(trainer: Any) -> list[dict]:
 
 
 def train_full(model: Any, tokenizer: Any, rows: list[dict], epochs: float, learning_rate: float, seed: int,
-               output_dir: Path, progress: bool = True, batch_size: int = 32,
-               padding_free: bool = False) -> list[dict]:
+               output_dir: Path, progress: bool = True, batch_size: int = 32) -> list[dict]:
     """Full-parameter training on every token (the miniature's base pre-training); returns the loss history.
 
-    Like real pre-training, the loss covers prompts too, so every word the model reads it also learns to write.
-    ``padding_free`` packs each batch into one row without pad tokens (1.24x faster for the miniature here).
+    Like real pre-training, the loss covers prompts too, so every word the model reads it also learns to write:
+    plain causal-LM training, so ``transformers.Trainer`` with its padding-free collator (each batch one row, no pad
+    tokens, positions restarting per conversation). Same batches and labels as TRL's ``SFTTrainer`` with
+    ``padding_free=True``, 1.2x faster here: no fused LM head or entropy/accuracy metrics on every step.
     """
-    from trl import SFTConfig, SFTTrainer
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    args = SFTConfig(
+    def tokenize(row: dict) -> dict:
+        ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        return {"input_ids": ids}
+
+    dataset = to_dataset(rows).map(tokenize, remove_columns=["messages"], desc="Tokenizing")
+    args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, lr_scheduler_type="cosine", warmup_steps=0.05,
         weight_decay=0.01, logging_steps=25, save_strategy="no", report_to="none", seed=seed,
-        bf16=False, fp16=False, gradient_checkpointing=False, assistant_only_loss=False,
-        max_length=None if padding_free else 256, padding_free=padding_free,
         disable_tqdm=not progress, dataloader_pin_memory=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(rows), processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithFlattening())
     trainer.train()
     return loss_history(trainer)
 
@@ -76,15 +80,15 @@ def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
 
     return {
         "learning_rate": 8e-3 if miniature else 2e-4,
-        "per_device_train_batch_size": 16 if miniature else 4,
+        "per_device_train_batch_size": 8 if miniature else 4,
         "gradient_accumulation_steps": 1 if miniature else 4,
-        "num_train_epochs": 8 if miniature else 1,
+        "num_train_epochs": 12 if miniature else 1,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05,
         "weight_decay": 0.0,
-        "logging_steps": 5,
+        "logging_steps": 10 if miniature else 5,
         "eval_strategy": "steps",
-        "eval_steps": 120 if miniature else 50,
+        "eval_steps": 360 if miniature else 50,
         "save_strategy": "steps",
         "save_steps": 60 if miniature else 50,
         "save_total_limit": 2,
