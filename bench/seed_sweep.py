@@ -20,6 +20,7 @@ import random
 import shlex
 import statistics
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,10 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.packing import machine  # noqa: E402
 from utils import config  # noqa: E402
-
-# Test-sized miniature for the smoke run (tests/conftest.py's TINY shape).
-TINY = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-        "pretrain_examples": 512, "heldout_examples": 16, "pretrain_epochs": 2.0}
+from utils.miniature import TINY_SPEC, MiniatureSpec  # noqa: E402
 
 
 def tagging_per_kind(model, tokenizer, n: int = 300, seed: int = 123) -> dict[str, float]:
@@ -50,17 +48,17 @@ def tagging_per_kind(model, tokenizer, n: int = 300, seed: int = 123) -> dict[st
     return {kind: round(sum(v) / len(v), 3) for kind, v in hits.items()}
 
 
-def one_seed(seed: int, spec_overrides: dict, workdir: Path, examples: int, heldout: int) -> dict:
+def one_seed(seed: int, spec: MiniatureSpec, workdir: Path, examples: int, heldout: int) -> dict:
     """Build the base for ``seed``, fine-tune LoRA on it, return both scores."""
     from utils.data import load_chat_jsonl
     from utils.evaluation import field_accuracy
     from utils.metrics import evaluate_generation
-    from utils.miniature import MiniatureSpec, build_miniature
+    from utils.miniature import build_miniature
     from utils.models import hardware_report, load_model, load_tokenizer
     from utils.training import make_sft_config, peft_config, train_sft, training_config
 
     base_dir = workdir / f"seed-{seed}"
-    report = build_miniature(base_dir, MiniatureSpec(**{**spec_overrides, "seed": seed}), progress=False)
+    report = build_miniature(base_dir, replace(spec, seed=seed), progress=False)
     tokenizer = load_tokenizer(str(base_dir))
     kinds = tagging_per_kind(load_model(str(base_dir)), tokenizer)
 
@@ -92,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config.silence_library_noise()
     workdir = config.outputs_dir() / "bench" / "seed-sweep"
+    spec = TINY_SPEC if args.spec == "tiny" else MiniatureSpec()
     runs = []
     for seed in args.seeds:
-        run = one_seed(seed, TINY if args.spec == "tiny" else {}, workdir, args.examples, args.heldout)
+        run = one_seed(seed, spec, workdir, args.examples, args.heldout)
         runs.append(run)
         print(f"seed {seed}: base worst kind {run['base_worst_kind']} "
               f"({run['base_tagging_per_kind'][run['base_worst_kind']]:.2f}), "

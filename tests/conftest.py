@@ -6,17 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from utils.miniature import MiniatureSpec, build_miniature
-
-TINY = MiniatureSpec(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, pretrain_examples=512, heldout_examples=16, pretrain_epochs=2.0)
+from utils.miniature import TINY_SPEC, build_miniature
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small miniature saved with ``save_pretrained`` (built once per test session)."""
     path = tmp_path_factory.mktemp("tiny") / "phi3-miniature"
-    build_miniature(path, TINY, progress=False)
+    build_miniature(path, TINY_SPEC, progress=False)
     return path
 
 

@@ -37,6 +37,11 @@ class MiniatureSpec:
     seed: int = 0
 
 
+# A test-sized miniature (built in seconds): the unit tests' fixture and the benchmarks' smoke runs.
+TINY_SPEC = MiniatureSpec(vocab_size=400, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                          pretrain_examples=512, heldout_examples=16, pretrain_epochs=2.0)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     """A byte-level BPE tokenizer (digits split one by one) with Phi-3's special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
