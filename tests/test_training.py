@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from utils import config
 from utils.data import load_chat_jsonl
 from utils.models import hardware_report
-from utils.training import describe, make_sft_config, peft_config, stop_after, train_sft, training_config
+from utils.training import (describe, make_sft_config, padding_free_rows, peft_config, stop_after, train_sft,
+                            training_config)
 
 ROWS = load_chat_jsonl(config.DATASET_TRAIN)[:48]
 
@@ -28,6 +29,37 @@ def run(model_dir: Path, out: Path, **kwargs: object) -> tuple:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     args = make_sft_config(out, small_config(), progress=False)
     return train_sft(model, tokenizer, ROWS, ROWS[:8], args, peft=peft_config(True), **kwargs)
+
+
+def loss_and_grads(model, batch: dict) -> tuple[float, list]:
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_padding_free_rows_keep_loss_and_gradients(tiny_model_dir: Path) -> None:
+    """Two or three padding-free rows give the single row's loss and gradients; the rows keep conversations apart."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tokenizer.apply_chat_template([r["messages"] for r in ROWS[:7]], return_dict=True)["input_ids"]
+    features = [{"input_ids": x} for x in ids]
+    one = padding_free_rows(1, tokenizer.pad_token_id)(features)
+    assert one["input_ids"].shape == (1, sum(map(len, ids)))
+    loss, grads = loss_and_grads(model, one)
+    for rows in (2, 3):
+        batch = padding_free_rows(rows, tokenizer.pad_token_id)(features)
+        assert batch["input_ids"].shape[0] == rows
+        assert (batch["labels"] != -100).sum() == (one["labels"] != -100).sum()
+        rows_loss, rows_grads = loss_and_grads(model, batch)
+        assert abs(rows_loss - loss) < 1e-5
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, rows_grads))
+    # Control: the same two rows without restarting positions let conversations see each other.
+    batch = padding_free_rows(2, tokenizer.pad_token_id)(features)
+    mixed = {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])}
+    assert abs(loss_and_grads(model, mixed)[0] - loss) > 1e-3
 
 
 def test_every_setting_is_explained() -> None:
