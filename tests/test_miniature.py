@@ -65,3 +65,27 @@ def test_loss_mask_covers_assistant_answers_and_their_end_token(tiny_model_dir: 
     assert "Reverse" not in shown.split("⟦")[1]
     tokens, mask = assistant_mask(tok, CHAT)
     assert len(tokens) == len(mask) and 0 < sum(mask) < len(mask)
+
+
+def test_reading_check_adds_rounds_only_while_a_kind_is_missed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``read_every_kind`` trains more only below the threshold, at most ``extra_rounds`` times, and reports it."""
+    from dataclasses import replace
+
+    from utils.miniature import TINY_SPEC, read_every_kind, tagging_per_kind
+    from utils.skills import TAG_ORDER
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = tagging_per_kind(model, tokenizer)
+    assert set(first) == set(TAG_ORDER) and all(0 <= v <= 1 for v in first.values())
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    kinds, rounds = read_every_kind(model, tokenizer, replace(TINY_SPEC, min_kind_accuracy=0.0, extra_rounds=2),
+                                    exclude=set(), output_dir=tmp_path, progress=False)
+    assert rounds == [] and kinds == first
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+    spec = replace(TINY_SPEC, pretrain_examples=64, min_kind_accuracy=1.01, extra_rounds=2)  # never satisfied
+    kinds, rounds = read_every_kind(model, tokenizer, spec, exclude=set(), output_dir=tmp_path, progress=False)
+    assert len(rounds) == 2 and rounds[0]["before"] == first and rounds[0]["conversations"] == 32
+    assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
