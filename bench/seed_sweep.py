@@ -1,6 +1,6 @@
 """How much the miniature's result depends on its build: one base per seed, then chapter 03's LoRA on each.
 
-    .venv/bin/python bench/seed_sweep.py --seeds 0 1 2 3 4 5      # about 2.5 minutes per seed on 2 cores
+    .venv/bin/python bench/seed_sweep.py --seeds 0 1 2 3 4 5      # about 3 minutes per seed on 2 cores
     .venv/bin/python bench/seed_sweep.py --seeds 0 --examples 16 --heldout 8 --spec tiny --out /tmp/s.json  # smoke
 
 Pre-training a model this small is a lottery in one respect: a kind of word (a room, a colour) is either learned
