@@ -9,9 +9,9 @@ point (another CPU, another library version). The number chapter 06 reports come
 script shows the spread. For every seed it builds the miniature (``MiniatureSpec(seed=...)``, so both the corpus
 and the initialisation change; the build's own reading check, ``utils.miniature.read_every_kind``, adds pre-training
 rounds where a kind of word was missed), records the base's tagging per kind of word on notes it never saw, before
-and after any extra rounds, then fine-tunes
-LoRA with chapter 03's ``training_config`` and ``peft_config`` (no checkpoints or evaluations in between; they do
-not change the numbers) and scores exact match and per-field accuracy on the house-format test split.
+and after any extra rounds, then fine-tunes LoRA with chapter 03's ``training_config`` and ``peft_config`` (no
+checkpoints or evaluations in between; they do not change the numbers) and scores exact match and per-field
+accuracy on the house-format test split.
 """
 
 from __future__ import annotations
@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         run = one_seed(seed, spec, workdir, args.examples, args.heldout)
         runs.append(run)
-        print(f"seed {seed}: base worst kind {run['base_worst_kind']} "
-              f"({run['base_tagging_per_kind'][run['base_worst_kind']]:.2f}) after {run['base_extra_rounds']} extra "
-              f"round(s), "
-              f"LoRA exact match {run['lora_exact_match']:.3f}", flush=True)
+        worst = run["base_worst_kind"]
+        print(f"seed {seed}: base worst kind {worst} ({run['base_tagging_per_kind'][worst]:.2f}) after "
+              f"{run['base_extra_rounds']} extra round(s), LoRA exact match {run['lora_exact_match']:.3f}", flush=True)
     em = [r["lora_exact_match"] for r in runs]
     result = {"runs": runs, "lora_exact_match": {"min": min(em), "median": statistics.median(em), "max": max(em),
                                                  "mean": round(statistics.mean(em), 3)},
