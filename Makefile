@@ -4,13 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env run test notebooks data clean help
+.PHONY: env run test notebooks data miniature clean help
 
 help:
 	@echo "make run        execute notebooks 00-06 in order; results under outputs/"
 	@echo "make test       unit tests + every notebook through nbval (what CI runs)"
 	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
 	@echo "make data       regenerate data/ from its generator script"
+	@echo "make miniature  maintainers: rebuild the shipped base in models/phi3-miniature/ (minutes, once)"
 
 env: $(STAMP)
 
@@ -32,6 +33,9 @@ notebooks: env
 
 data: env
 	$(PY) data/generate_house_format.py
+
+miniature: env
+	$(PY) -m utils.miniature build
 
 clean:
 	rm -rf outputs

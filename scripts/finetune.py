@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import config  # noqa: E402
 from utils.data import check_chat_jsonl  # noqa: E402
-from utils.miniature import REPORT_FILE  # noqa: E402
+from utils.miniature import REPORT_FILE, require_shipped_miniature  # noqa: E402
 
 METHODS = ("lora", "qlora")
 QUANT_STORAGE = ("auto", "uint8", "bfloat16", "float16", "float32")
@@ -95,7 +95,7 @@ def looks_local(spec: str) -> bool:
 
 
 def resolve_model(spec: str | None) -> tuple[str, bool]:
-    """(what ``from_pretrained`` gets, whether it is the miniature); the miniature may still need building."""
+    """(what ``from_pretrained`` gets, whether it is the miniature); the miniature is the shipped one in models/."""
     spec = spec or config.model_id()
     if spec == config.MINIATURE:
         return str(config.miniature_dir()), True
@@ -125,10 +125,11 @@ def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_d
     if spec != config.MINIATURE and looks_local(spec) and not Path(model).is_dir():
         what = "is a file, expected a model folder" if Path(model).exists() else "no such folder"
         problems.append(f"{model}: {what} ({'--model' if args.model else 'PHI3_MODEL_ID'})")
-    elif miniature and not (Path(model) / REPORT_FILE).is_file() and world()[2] > 1:
-        problems.append(f"{model}: the miniature Phi-3 is not built yet and {world()[2]} processes cannot build it "
-                        "together; build it once in one process (`python -c \"from utils.models import "
-                        "require_miniature_or_model as r; r()\"` or notebook 00), then launch again")
+    elif miniature:
+        try:
+            require_shipped_miniature(Path(model))
+        except FileNotFoundError as err:
+            problems.append(str(err))
     problems += data_problems(args.data, "--data")
     problems += data_problems(args.eval_data, "--eval-data")
     if isinstance(args.resume, str):
@@ -236,14 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
 
     from utils.data import load_chat_jsonl
-    from utils.models import hardware_report, load_tokenizer, require_miniature_or_model
+    from utils.models import hardware_report, load_tokenizer
     from utils.training import make_sft_config, peft_config, train_sft, training_config
-
-    if miniature and not (Path(model) / REPORT_FILE).is_file():
-        from utils.miniature import ensure_miniature
-
-        print(f"Building the miniature Phi-3 in {model} first (a few minutes, once) ...", flush=True)
-        model = require_miniature_or_model() if config.is_miniature() else str(ensure_miniature(Path(model)))
 
     hardware = hardware_report()
     training = training_config(hardware, miniature)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -59,10 +60,31 @@ def strip_volatile(nb: nbformat.NotebookNode) -> None:
             cell.outputs = merged
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_report(path: Path, err: CellExecutionError) -> str:
+    """The failing cell's source, the traceback frames in the project's own files, and the error itself.
+
+    nbclient's message holds the whole traceback, deep library frames included; a learner needs the cell that
+    failed, where in the project it went wrong, and the last line.
+    """
+    text = ANSI.sub("", str(err))
+    cell = text.split("------------------", 2)[1].strip() if text.count("------------------") >= 2 else ""
+    frames = [line.strip() for line in text.splitlines()
+              if "File " in line and str(config.PROJECT_ROOT) in line and "/.venv/" not in line]
+    last = f"{err.ename}: {err.evalue}"
+    lines = [f"\n{path.name} failed in this cell:", *("    " + l for l in cell.splitlines()[:40])]
+    if frames:
+        lines += ["in the project's code:", *("    " + f for f in frames[-8:])]
+    return "\n".join(lines + [last, f"(run the notebook in Jupyter to see the full traceback)"])
+
+
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     """Run one notebook top to bottom; returns its timing report (raises on a failing cell)."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=True,
+    # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
+    client = NotebookClient(nb, timeout=None, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     started = time.perf_counter()
     client.execute()
@@ -92,7 +114,7 @@ def main() -> int:
         try:
             reports.append(execute(path, args.in_place, out_dir))
         except CellExecutionError as err:
-            print(f"\n{path.name} failed:\n{str(err)[-3000:]}", file=sys.stderr)
+            print(failure_report(path, err), file=sys.stderr)
             return 1
         print(f"  done in {reports[-1]['seconds']:.1f} s -> {reports[-1]['written']}", flush=True)
     total = time.perf_counter() - started

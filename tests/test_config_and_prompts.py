@@ -12,7 +12,7 @@ from utils.prompts import prompt_messages, reference_answer
 
 def test_default_is_the_offline_miniature(monkeypatch: pytest.MonkeyPatch, outputs: Path) -> None:
     monkeypatch.delenv("PHI3_MODEL_ID", raising=False)
-    assert config.is_miniature() and config.model_path() == str(outputs / "models" / "phi3-miniature")
+    assert config.is_miniature() and config.model_path() == str(config.PROJECT_ROOT / "models" / "phi3-miniature")
     assert not outputs.exists(), "reading the config must not create folders"
 
 
@@ -22,7 +22,7 @@ def test_phi3_model_id_switches_the_series(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_every_output_path_is_under_the_outputs_folder(outputs: Path) -> None:
-    for path in (config.miniature_dir(), config.split_dir(), config.adapter_dir("lora")):
+    for path in (config.split_dir(), config.adapter_dir("lora")):
         assert outputs in path.parents
 
 

@@ -3,6 +3,9 @@
 - ``PHI3_MODEL_ID``: ``miniature`` (default, offline) or a hub id / local path of a Phi-3 checkpoint,
   e.g. ``microsoft/Phi-3-mini-4k-instruct``.
 - ``PHI3_LAB_OUTPUTS``: where everything the notebooks produce goes (default ``<project>/outputs``).
+
+The miniature itself is not an output: it is built once by ``make miniature`` and shipped in ``models/``, so every
+learner starts from the same base at once.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ def is_miniature() -> bool:
     return model_id() == MINIATURE
 
 
+MINIATURE_DIR: Path = PROJECT_ROOT / "models" / "phi3-miniature"
+
+
 def miniature_dir() -> Path:
-    """Where the miniature Phi-3 (weights, tokenizer, report) is cached."""
-    return outputs_dir() / "models" / "phi3-miniature"
+    """The shipped miniature Phi-3 (weights, tokenizer, build report), built once by ``make miniature``."""
+    return MINIATURE_DIR
 
 
 def model_path() -> str:

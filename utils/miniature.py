@@ -187,9 +187,48 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     return report
 
 
-def ensure_miniature(path: Path | None = None, spec: MiniatureSpec | None = None) -> Path:
-    """Return the miniature's folder, building it first if it is not there yet."""
+SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", REPORT_FILE)
+
+
+def require_shipped_miniature(path: Path | None = None) -> Path:
+    """The shipped miniature's folder; stops with what to do when a file of it is missing."""
     path = path or config.miniature_dir()
-    if not _report_path(path).exists():
-        build_miniature(path, spec)
+    missing = [name for name in SHIPPED_FILES if not (path / name).is_file()]
+    if missing:
+        shown = path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT) else path
+        raise FileNotFoundError(
+            f"{shown} is incomplete (missing {', '.join(missing)}): restore the shipped base with "
+            f"`git checkout -- {shown}` or rebuild it with `make miniature`.")
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m utils.miniature build [--out DIR]``: build the miniature (what ``make miniature`` runs)."""
+    import argparse
+    import shutil
+
+    parser = argparse.ArgumentParser(prog="python -m utils.miniature", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="train tokenizer and model, pre-train, check, save with a build report")
+    build.add_argument("--out", type=Path, default=config.miniature_dir(), help="target folder (replaced whole)")
+    build.add_argument("--seed", type=int, default=MiniatureSpec.seed)
+    args = parser.parse_args(argv)
+    spec = MiniatureSpec(seed=args.seed)
+    target = args.out.resolve()
+    # Build beside the target, then swap: an interrupted build never leaves a half-written base behind.
+    staging = target.parent / f".{target.name}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    report = build_miniature(staging, spec)
+    shutil.rmtree(staging.parent / f"{staging.name}-trainer", ignore_errors=True)
+    old = target.parent / f".{target.name}.old"
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"built {target} in {report['build_seconds']:.0f} s: {report['parameters']:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

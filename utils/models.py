@@ -51,11 +51,11 @@ def hardware_report() -> Hardware:
 
 
 def require_miniature_or_model() -> str:
-    """The ``from_pretrained`` path of the configured model, building the miniature first if needed."""
+    """The ``from_pretrained`` path of the configured model: the shipped miniature's folder, or ``PHI3_MODEL_ID``."""
     if config.is_miniature():
-        from utils.miniature import ensure_miniature
+        from utils.miniature import require_shipped_miniature
 
-        return str(ensure_miniature())
+        return str(require_shipped_miniature())
     return config.model_id()
 
 
