@@ -112,3 +112,16 @@ def test_evaluate_variant_on_the_tiny_miniature(tiny_model_dir: Path):
     assert "kind" in result["field_accuracy"] and 0.0 <= result["fields_correct"] <= 1.0
     assert check_results({"model": str(tiny_model_dir), "n_test": 3,
                           "variants": dict.fromkeys(REQUIRED_VARIANTS, result)}) == []
+
+
+def test_well_formed_means_one_house_format_ticket_whatever_its_values() -> None:
+    from utils.evaluation import is_well_formed
+
+    good = ["ORDER | item: mug | qty: 3 | color: blue | due: fri", "BOOK | room: oak | people: 12 | day: mon | time: 09:00",
+            "FIX | item: sink | floor: 2 | priority: low"]
+    assert all(is_well_formed(t) for t in good)
+    bad = ["", "\ufffdS | room: cedar", "FIX | item: sink | floor: 2", "FIX | floor: 2 | item: sink | priority: low",
+           "FIX | item: sink | floor: two | priority: low", "ORDER | item: mug | qty: 3 | color: blue | due: friday",
+           "BOOK | room: oak | people: 1 | day: mon | time: 9am", "fix | item: sink | floor: 2 | priority: low",
+           good[0] + " | extra: 1"]
+    assert not any(is_well_formed(t) for t in bad)

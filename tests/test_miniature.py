@@ -89,3 +89,24 @@ def test_reading_check_adds_rounds_only_while_a_kind_is_missed(tiny_model_dir: P
     kinds, rounds = read_every_kind(model, tokenizer, spec, exclude=set(), output_dir=tmp_path, progress=False)
     assert len(rounds) == 2 and rounds[0]["before"] == first and rounds[0]["conversations"] == 32
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+def test_shipped_base_is_what_this_code_builds() -> None:
+    """models/phi3-miniature was built by `make miniature` from the current spec and corpus, and is small enough to
+    ship: a change to utils/skills.py or MiniatureSpec without a rebuild fails here."""
+    from dataclasses import asdict
+
+    from utils import config
+    from utils.miniature import MiniatureSpec, corpus_fingerprint, require_shipped_miniature
+    from utils.skills import train_test_corpus
+
+    path = require_shipped_miniature()
+    report = load_report(path)
+    spec = MiniatureSpec()
+    assert report["spec"] == asdict(spec)
+    train, test = train_test_corpus(spec.pretrain_examples, spec.heldout_examples, seed=spec.seed)
+    assert report["corpus_sha256"] == corpus_fingerprint(train + test)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.num_parameters() == report["parameters"]
+    assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20
+    assert path == config.PROJECT_ROOT / "models" / "phi3-miniature"

@@ -8,7 +8,8 @@ from collections import Counter
 
 from utils import config
 from utils.data import load_chat_jsonl
-from utils.skills import DAYS, HELDOUT_SKILLS, NUMBER_WORDS, PRETRAIN_MIX, TAG_ORDER, _tag, train_test_corpus
+from utils.skills import (DAYS, HELDOUT_SKILLS, NUMBER_WORDS, PRETRAIN_MIX, SYNONYMS, TAG_ORDER, _capitals, _synonym,
+                          _tag, train_test_corpus)
 
 
 def _tag_fields(answer: str) -> dict[str, str]:
@@ -38,9 +39,10 @@ def test_tag_answers_are_normalised_and_in_a_fixed_order() -> None:
 
 
 def test_corpus_follows_the_mix_and_holds_out_unseen_prompts() -> None:
-    train, test = train_test_corpus(200, 30, seed=3)
+    rounds = 20
+    train, test = train_test_corpus(rounds * sum(PRETRAIN_MIX.values()), 30, seed=3)
     counts = Counter(r["skill"] for r in train)
-    assert counts == {skill: 20 * weight for skill, weight in PRETRAIN_MIX.items()}
+    assert counts == {skill: rounds * weight for skill, weight in PRETRAIN_MIX.items()}
     assert {r["skill"] for r in test} <= set(HELDOUT_SKILLS)
     assert not {r["messages"][0]["content"] for r in test} & {r["messages"][0]["content"] for r in train}
 
@@ -52,3 +54,25 @@ def test_house_format_never_occurs_in_pre_training() -> None:
         assert marker not in text, marker
     house_answers = {r["messages"][-1]["content"] for r in load_chat_jsonl(config.DATASET_TEST)}
     assert not house_answers & set(text.splitlines())
+
+
+def test_capitals_and_synonyms_answer_exactly() -> None:
+    rng = random.Random(5)
+    common = dict(SYNONYMS)
+    for _ in range(200):
+        ask, answer = (m["content"] for m in _capitals(rng))
+        words = ask.split(": ", 1)[1] if ": " in ask else ask.rsplit(" in ", 1)[0]
+        assert answer in (words.upper(), words.lower()) and answer != words
+        ask, answer = (m["content"] for m in _synonym(rng))
+        assert answer.split() == [common[w] for w in ask.split(": ", 1)[1].split()]
+
+
+def test_every_word_of_the_house_format_is_written_in_pre_training() -> None:
+    """A word the base never writes has an untrained output row: LoRA can make it the argmax but never confident."""
+    from utils.miniature import MiniatureSpec
+
+    train, _ = train_test_corpus(MiniatureSpec().pretrain_examples, 10)
+    answers = " ".join(r["messages"][-1]["content"] for r in train).split()
+    for word in ("ORDER", "BOOK", "FIX", "item", "qty", "due", "people", "floor", "priority", "color", "room",
+                 "day", "time"):
+        assert word in answers, word

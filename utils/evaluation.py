@@ -37,6 +37,30 @@ def parse_ticket(text: str) -> dict[str, str]:
     return fields
 
 
+# The house format, field by field: each kind of ticket, its fields in order, and what a value of each field looks like.
+HOUSE_FORMAT: dict[str, tuple[str, ...]] = {"ORDER": ("item", "qty", "color", "due"),
+                                           "BOOK": ("room", "people", "day", "time"),
+                                           "FIX": ("item", "floor", "priority")}
+FIELD_VALUE = {"item": r"[a-z]+", "color": r"[a-z]+", "room": r"[a-z]+", "qty": r"[0-9]+", "people": r"[0-9]+",
+               "floor": r"[0-9]+", "due": r"(mon|tue|wed|thu|fri)", "day": r"(mon|tue|wed|thu|fri)",
+               "time": r"[0-9]{2}:[0-9]{2}", "priority": r"(high|low)"}
+
+
+def is_well_formed(text: str) -> bool:
+    """True when ``text`` is one house-format ticket: a known kind, its fields in order, each value of its shape.
+
+    Says nothing about whether the values are the right ones (exact match does); a sampled answer that passes is a
+    ticket a downstream system could parse.
+    """
+    import re
+
+    kind, _, rest = text.strip().partition(" | ")
+    if kind not in HOUSE_FORMAT:
+        return False
+    pattern = r" \| ".join(rf"{key}: {FIELD_VALUE[key]}" for key in HOUSE_FORMAT[kind])
+    return re.fullmatch(pattern, rest) is not None
+
+
 def _field_hits(answers: list[str], references: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     hits: dict[str, int] = {}
     totals: dict[str, int] = {}

@@ -29,9 +29,9 @@ class MiniatureSpec:
     num_hidden_layers: int = 2
     num_attention_heads: int = 8
     max_position_embeddings: int = 512
-    pretrain_examples: int = 16000
+    pretrain_examples: int = 32000
     heldout_examples: int = 200
-    pretrain_epochs: float = 2.8
+    pretrain_epochs: float = 3.0
     learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
@@ -82,6 +82,20 @@ def build_model(tokenizer: Any, spec: MiniatureSpec) -> Any:
     model.generation_config = GenerationConfig(eos_token_id=[end_id, eot_id], pad_token_id=eot_id,
                                                do_sample=False)
     return model
+
+
+def corpus_fingerprint(rows: list[dict]) -> str:
+    """sha256 of the pre-training conversations, so a test can tell when the shipped base no longer matches the code."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([r["messages"] for r in rows]).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a build depends on, recorded in its report."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "tokenizers", "trl")}
 
 
 def _report_path(path: Path) -> Path:
@@ -172,7 +186,8 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     for row, answer in zip(test_rows, answers):
         per_skill.setdefault(row["skill"], []).append(answer.text == row["messages"][-1]["content"])
     report = {
-        "spec": asdict(spec),
+        "spec": asdict(spec), "corpus_sha256": corpus_fingerprint(train_rows + test_rows),
+        "built_with": library_versions(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "heldout_before": before, "heldout_after": after,
         "heldout_after_per_skill": {k: sum(v) / len(v) for k, v in per_skill.items()},
@@ -216,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = MiniatureSpec(seed=args.seed)
     target = args.out.resolve()
+    # One thread: the sums then run in the same order on any machine with the same kind of CPU, so a rebuild gives
+    # the same weights as the shipped ones (two threads would split the sums differently).
+    import torch
+
+    torch.set_num_threads(1)
     # Build beside the target, then swap: an interrupted build never leaves a half-written base behind.
     staging = target.parent / f".{target.name}.building"
     shutil.rmtree(staging, ignore_errors=True)

@@ -36,11 +36,12 @@ class Hardware:
 def hardware_report() -> Hardware:
     """Device, precision and attention implementation the series will use on this machine.
 
-    bf16 where the GPU supports it, else fp16 on a GPU, fp32 on CPU; ``flash_attention_2`` only when the
+    bf16 where the GPU computes it natively (Ampere or newer; a T4 only emulates it, slowly), else fp16 with loss
+    scaling on a GPU, fp32 on CPU; ``flash_attention_2`` only when the
     package is installed and the GPU is Ampere or newer, else PyTorch's ``sdpa``.
     """
     if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.get_device_capability()[0] >= 8
         return Hardware("cuda", torch.cuda.get_device_name(), torch.__version__, torch.version.cuda, bf16,
                         torch.bfloat16 if bf16 else torch.float16, "flash_attention_2" if flash else "sdpa")

@@ -109,7 +109,9 @@ def _tag_slot(rng: random.Random, kind: str) -> tuple[str, str]:
         return rng.choice(["{} of them", "we are {}", "{} in total", "about {}"]).format(text), str(n)
     if kind == "urgency":
         high = rng.random() < 0.5
-        return rng.choice(URGENT if high else CALM), "high" if high else "low"
+        phrase = rng.choice(URGENT if high else CALM)
+        # People write these as sentences too ("No rush."): without that, the base misreads them once capitalised.
+        return (phrase.capitalize() + "." if rng.random() < 0.35 else phrase), "high" if high else "low"
     word = rng.choice(TAG_WORDS[kind])
     written = word.capitalize() if kind == "room" and rng.random() < 0.4 else word
     return rng.choice(TAG_TEMPLATES[kind]).format(written), word
@@ -126,13 +128,49 @@ def _tag(rng: random.Random) -> Conversation:
     return [{"role": "user", "content": ask.format(" ".join(parts))}, {"role": "assistant", "content": answer}]
 
 
+# Words a real model can write but the notes above never use: actions, record words and their usual short forms.
+# Without them the tokenizer never learns these words and the base never writes them, so a fine-tune that needs
+# them (an `ITEM`, a `qty`, a `due`) must push tokens whose output rows were never trained: argmax-right at a few
+# per cent, and sampling then draws garbage. A real base knows every word of its language; so should this one.
+ACTIONS = ["order", "book", "fix", "buy", "reserve", "repair", "send", "check", "move", "clean", "call", "note"]
+SYNONYMS = [("thing", "item"), ("article", "item"), ("quantity", "qty"), ("amount", "qty"), ("deadline", "due"),
+            ("expected", "due"), ("urgency", "priority"), ("importance", "priority"), ("persons", "people"),
+            ("guests", "people"), ("storey", "floor"), ("level", "floor"), ("colour", "color"), ("hue", "color"),
+            ("weekday", "day"), ("date", "day"), ("hour", "time"), ("clock", "time"), ("space", "room"),
+            ("hall", "room"), ("purchase", "order"), ("request", "order"), ("reserve", "book"),
+            ("schedule", "book"), ("repair", "fix"), ("mend", "fix"), ("large", "big"), ("quick", "fast"),
+            ("begin", "start"), ("finish", "end"), ("little", "small"), ("correct", "right")]
+CAPITALS_VOCABULARY = sorted({*ACTIONS, *THINGS, *COLORS, *ROOMS, *DAYS, *COMMON, *(w for pair in SYNONYMS for w in pair)})
+
+
+def _capitals(rng: random.Random) -> Conversation:
+    """Write one to four words in capitals (``order a lamp`` -> ``ORDER A LAMP``), or back in small letters."""
+    words = " ".join(rng.choice(CAPITALS_VOCABULARY) for _ in range(rng.randint(1, 4)))
+    if rng.random() < 0.7:
+        ask = rng.choice(["Write in capitals: {}", "{} in upper case?", "Capitalise every letter: {}"]).format(words)
+        return [{"role": "user", "content": ask}, {"role": "assistant", "content": words.upper()}]
+    ask = rng.choice(["Write in small letters: {}", "{} in lower case?"]).format(words.upper())
+    return [{"role": "user", "content": ask}, {"role": "assistant", "content": words}]
+
+
+def _synonym(rng: random.Random) -> Conversation:
+    """Common words for one to three others (``quantity deadline`` -> ``qty due``, ``repair`` -> ``fix``)."""
+    pairs = rng.sample(SYNONYMS, k=rng.randint(1, 3))
+    words = " ".join(word for word, _ in pairs)
+    ask = rng.choice(["Another word for each: {}", "Say more simply: {}", "Common words for: {}"]).format(words)
+    return [{"role": "user", "content": ask}, {"role": "assistant", "content": " ".join(o for _, o in pairs)}]
+
+
 SKILLS: dict[str, Callable[[random.Random], Conversation]] = {
     "tag": _tag, "short_forms": _short_forms, "pick_category": _pick_category, "unit_conversion": _convert,
+    "capitals": _capitals, "synonyms": _synonym,
 }
-# Conversations per skill in every ten: tagging is what the house format leans on, so it gets most of the minute.
-PRETRAIN_MIX = {"tag": 6, "short_forms": 2, "pick_category": 1, "unit_conversion": 1}
-# Short forms are facts to know rather than a procedure to generalise, so the held-out split leaves them out.
-HELDOUT_SKILLS = [s for s in PRETRAIN_MIX if s != "short_forms"]
+# Conversations per skill in every twelve: tagging is what the house format leans on, so it gets half.
+PRETRAIN_MIX = {"tag": 6, "short_forms": 2, "pick_category": 1, "unit_conversion": 1, "capitals": 1, "synonyms": 1}
+# Short forms, capitals and synonyms are facts to know rather than procedures to generalise, so the held-out split
+# leaves them out.
+FACT_SKILLS = ("short_forms", "capitals", "synonyms")
+HELDOUT_SKILLS = [s for s in PRETRAIN_MIX if s not in FACT_SKILLS]
 
 
 def general_skills_corpus(n: int, seed: int, exclude: set[str] | None = None,

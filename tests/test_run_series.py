@@ -1,0 +1,57 @@
+"""scripts/run_series.py: no per-cell timeout, and a failure that names the cell and the project's own frames."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient.exceptions import CellExecutionError
+
+from utils import config
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_series", config.PROJECT_ROOT / "scripts" / "run_series.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_chapter_reports_its_cell_and_the_project_frame(tmp_path: Path) -> None:
+    runner = _runner()
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("from utils.evaluation import check_results\n"
+                                  "print('about to fail')\n"
+                                  "check_results({'model': 'm', 'n_test': 1, 'variants': None})")])
+    path = tmp_path / "99_broken.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(CellExecutionError) as caught:
+        runner.execute(path, in_place=False, out_dir=tmp_path)
+    report = runner.failure_report(path, caught.value)
+    assert "99_broken.ipynb failed in this cell:" in report
+    assert "check_results({'model': 'm', 'n_test': 1, 'variants': None})" in report
+    assert "utils/evaluation.py" in report and ".venv" not in report
+    assert report.splitlines()[-2].startswith("TypeError") or "Error" in report.splitlines()[-2]
+    assert "\x1b[" not in report and len(report) < 3000
+
+
+def test_the_series_runner_sets_no_cell_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow laptop must finish a long cell (pre-training, training), not fail after a fixed number of seconds."""
+    runner = _runner()
+    seen: dict = {}
+
+    class Recorder:
+        def __init__(self, nb, **kwargs):
+            seen.update(kwargs)
+
+        def execute(self):
+            return None
+
+    monkeypatch.setattr(runner, "NotebookClient", Recorder)
+    path = tmp_path / "98_ok.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), path)
+    runner.execute(path, in_place=False, out_dir=tmp_path)
+    assert "timeout" in seen and seen["timeout"] is None
