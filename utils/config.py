@@ -168,21 +168,25 @@ def check_outputs_dir() -> Path:
 def check_model_setting() -> str:
     """The configured model, checked without loading it; :class:`SettingsError` saying what to change when it is
     a missing or empty folder, a folder without ``config.json``, or (offline) a hub id that is not in the cache."""
-    spec = model_id()
+    return check_model_spec(model_id())
+
+
+def check_model_spec(spec: str, source: str = "PHI3_MODEL_ID") -> str:
+    """:func:`check_model_setting` for any model value; ``source`` names the setting in the message."""
     if spec == MINIATURE:
         return spec
     if looks_like_path(spec):
         folder = Path(spec).expanduser()
-        hint = (f"set PHI3_MODEL_ID to a folder holding a Phi-3 checkpoint (config.json, *.safetensors, tokenizer), "
+        hint = (f"set {source} to a folder holding a Phi-3 checkpoint (config.json, *.safetensors, tokenizer), "
                 f"to a hub id such as {REAL_PHI3}, or unset it for the miniature")
         if not folder.exists():
-            raise SettingsError(f"PHI3_MODEL_ID={spec}: no such folder; {hint}")
+            raise SettingsError(f"{source}={spec}: no such folder; {hint}")
         if not folder.is_dir():
-            raise SettingsError(f"PHI3_MODEL_ID={spec}: is a file, not a model folder; {hint}")
+            raise SettingsError(f"{source}={spec}: is a file, not a model folder; {hint}")
         if not any(folder.iterdir()):
-            raise SettingsError(f"PHI3_MODEL_ID={spec}: the folder is empty; {hint}")
+            raise SettingsError(f"{source}={spec}: the folder is empty; {hint}")
         if not (folder / "config.json").is_file():
-            raise SettingsError(f"PHI3_MODEL_ID={spec}: no config.json in the folder, so it is not a saved model; "
+            raise SettingsError(f"{source}={spec}: no config.json in the folder, so it is not a saved model; "
                                 f"{hint}")
         return spec
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -190,13 +194,13 @@ def check_model_setting() -> str:
     try:
         validate_repo_id(spec)
     except HFValidationError:
-        raise SettingsError(f"PHI3_MODEL_ID={spec}: neither a folder here nor a valid hub id (owner/name, "
+        raise SettingsError(f"{source}={spec}: neither a folder here nor a valid hub id (owner/name, "
                             f"e.g. {REAL_PHI3})") from None
     if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
-            raise SettingsError(f"PHI3_MODEL_ID={spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+            raise SettingsError(f"{source}={spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
                                 f"forbids downloading it; check the spelling (e.g. {REAL_PHI3}), or download it "
                                 "once with network access (unset HF_HUB_OFFLINE)")
     return spec

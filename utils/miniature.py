@@ -195,8 +195,8 @@ def require_shipped_miniature(path: Path | None = None) -> Path:
     """The shipped miniature's folder; stops with what to do when a file of it is missing."""
     path = path or config.miniature_dir()
     missing = [name for name in SHIPPED_FILES if not (path / name).is_file()]
+    shown = path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT) else path
     if missing:
-        shown = path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT) else path
         raise FileNotFoundError(
             f"{shown} is incomplete (missing {', '.join(missing)}): restore the shipped base with "
             f"`git checkout -- {shown}` or rebuild it with `make miniature`.")

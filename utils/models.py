@@ -93,14 +93,14 @@ def check_model(path: str) -> str:
         return path
     missing = []
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        missing.append(f"a tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        missing.append(f"tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
         tokenizer_config = {}
     if not (tokenizer_config.get("chat_template") or (folder / "chat_template.jinja").is_file()
             or (folder / "chat_template.json").is_file()):
-        missing.append("a chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
+        missing.append("chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
     if missing:
         raise config.SettingsError(f"PHI3_MODEL_ID={path}: the folder has no {' and no '.join(missing)}; the "
                                    "chapters format every conversation with it. Copy the tokenizer files of the model "
