@@ -23,8 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import config  # noqa: E402
-from utils.data import check_chat_jsonl  # noqa: E402
+from utils.data import check_chat_jsonl, context_length  # noqa: E402
 from utils.miniature import REPORT_FILE, require_shipped_miniature  # noqa: E402
+from utils.training import last_complete_checkpoint  # noqa: E402
 
 METHODS = ("lora", "qlora")
 QUANT_STORAGE = ("auto", "uint8", "bfloat16", "float16", "float32")
@@ -108,9 +109,10 @@ def default_output_dir(method: str, model: str, miniature: bool) -> Path:
     return config.outputs_dir() / "runs" / f"{method}-{tag}"
 
 
-def data_problems(path: Path, flag: str) -> list[str]:
-    """``PATH:LINE: reason`` lines for a data file (``PATH: reason (FLAG)`` when it cannot be read at all)."""
-    problems = check_chat_jsonl(path)
+def data_problems(path: Path, flag: str, tokenizer: Any | None = None, max_tokens: int | None = None) -> list[str]:
+    """``PATH:LINE: reason`` lines for a data file (``PATH: reason (FLAG)`` when it cannot be read at all); with a
+    tokenizer and the model's context, conversations longer than the context too (training refuses them)."""
+    problems = check_chat_jsonl(path, tokenizer, max_tokens)
     lines = [f"{p.path}: {p.reason} ({flag})" if p.line == 0 else str(p) for p in problems]
     if len(lines) > MAX_PROBLEMS_SHOWN:
         lines = lines[:MAX_PROBLEMS_SHOWN] + [f"... and {len(lines) - MAX_PROBLEMS_SHOWN} more problem(s) in {path}; "
@@ -118,28 +120,76 @@ def data_problems(path: Path, flag: str) -> list[str]:
     return lines
 
 
-def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_dir: Path) -> None:
-    """Raise :class:`InputError` listing every problem with the command line's files and folders."""
+def tokenizer_and_context(model: str) -> tuple[Any | None, int | None, str | None]:
+    """(tokenizer, context length, problem) of the model, read without loading its weights (cheap)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as err:
+        return None, None, f"{model}: no tokenizer could be loaded ({str(err).splitlines()[0][:120]})"
+    if not getattr(tokenizer, "chat_template", None):
+        return None, None, f"{model}: the tokenizer has no chat template; use a Phi-3 checkpoint or add one"
+    return tokenizer, context_length(model), None
+
+
+def output_problem(output_dir: Path, flag: str) -> str | None:
+    """Why the output folder cannot be written (None when it can); checks the nearest existing folder, writes nothing."""
+    existing = output_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing}: is a file, so {output_dir} cannot be created ({flag}); give a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing}: not writable, so {output_dir} cannot be written ({flag}); give a folder you can write to"
+    return None
+
+
+def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_dir: Path) -> Path | bool | None:
+    """Raise :class:`InputError` listing every problem with the command line's files, folders and data (lengths
+    against the model's context included), all before any model weights load. Returns what to resume from: the
+    newest complete checkpoint for ``--resume``, the given folder, or None."""
     problems: list[str] = []
     spec = args.model or config.model_id()
+    flag = "--model" if args.model else "PHI3_MODEL_ID"
+    model_ok = False
     if spec != config.MINIATURE and looks_local(spec) and not Path(model).is_dir():
         what = "is a file, expected a model folder" if Path(model).exists() else "no such folder"
-        problems.append(f"{model}: {what} ({'--model' if args.model else 'PHI3_MODEL_ID'})")
+        problems.append(f"{model}: {what} ({flag})")
     elif miniature:
         try:
             require_shipped_miniature(Path(model))
-        except FileNotFoundError as err:
+            model_ok = True
+        except (FileNotFoundError, config.SettingsError) as err:
             problems.append(str(err))
-    problems += data_problems(args.data, "--data")
-    problems += data_problems(args.eval_data, "--eval-data")
+    else:
+        try:
+            config.check_model_spec(model, flag)
+            model_ok = True
+        except config.SettingsError as err:
+            problems.append(str(err))
+    tokenizer = max_tokens = None
+    if model_ok:
+        tokenizer, max_tokens, problem = tokenizer_and_context(model)
+        problems += [problem] if problem else []
+    problems += data_problems(args.data, "--data", tokenizer, max_tokens)
+    problems += data_problems(args.eval_data, "--eval-data", tokenizer, max_tokens)
+    problem = output_problem(output_dir, "--output-dir" if args.output_dir else "PHI3_LAB_OUTPUTS")
+    problems += [problem] if problem else []
+    resume: Path | bool | None = None
     if isinstance(args.resume, str):
         if not Path(args.resume).is_dir():
             problems.append(f"{args.resume}: no such checkpoint folder (--resume)")
-    elif args.resume and not any(output_dir.glob("checkpoint-*")):
-        problems.append(f"{output_dir}: no checkpoint-* folder to resume from (--resume; give --output-dir of the "
-                        "earlier run)")
+        resume = Path(args.resume)
+    elif args.resume and not problem:
+        resume = last_complete_checkpoint(output_dir)
+        if resume is None:
+            some = "complete " if any(output_dir.glob("checkpoint-*")) else ""
+            problems.append(f"{output_dir}: no {some}checkpoint-* folder to resume from (--resume; give "
+                            "--output-dir of the earlier run)")
     if problems:
         raise InputError("\n".join(problems))
+    return resume
 
 
 def storage_dtype(choice: str, compute_dtype: Any, fsdp: bool) -> Any:
@@ -189,10 +239,12 @@ def evaluate_adapter(model: str, adapter: Path, method: str, hardware: Any, eval
     import torch
     from peft import PeftModel
 
+    from utils.adapters import check_adapter_base
     from utils.metrics import assistant_loss, evaluate_generation, perplexity
     from utils.models import load_model, load_tokenizer
     from utils.prompts import prompt_messages, reference_answer
 
+    check_adapter_base(adapter, model)
     quant = quantization_config(hardware.dtype, torch.uint8) if method == "qlora" else None
     tuned = PeftModel.from_pretrained(load_model(model, hardware, quantization_config=quant), str(adapter))
     tokenizer = load_tokenizer(str(adapter))
@@ -211,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     model, miniature = resolve_model(args.model)
     output_dir = args.output_dir or default_output_dir(args.method, model, miniature)
     try:
-        check_inputs(args, model, miniature, output_dir)
+        resume = check_inputs(args, model, miniature, output_dir)
     except InputError as err:
-        if local_rank == 0:
+        if rank == 0:
             print(err, file=sys.stderr)
         return 2
 
@@ -222,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     fsdp = fsdp_launched()
     cpu = not torch.cuda.is_available()
     if fsdp and cpu:
-        if local_rank == 0:
+        if rank == 0:
             print("FSDP needs GPUs (accelerate builds no FSDP plugin on CPU); on CPU launch with "
                   "configs/accelerate/ddp_cpu_2proc.yaml instead", file=sys.stderr)
         return 2
@@ -236,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()
 
+    import shutil
+
+    from utils.adapters import record_base
+    from utils.atomic import staging_path, swap_in
     from utils.data import load_chat_jsonl
     from utils.models import hardware_report, load_tokenizer
     from utils.training import make_sft_config, peft_config, train_sft, training_config
@@ -273,15 +329,24 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(model)
     train_rows, eval_rows = load_chat_jsonl(args.data), load_chat_jsonl(args.eval_data)
     trainer, stats = train_sft(base, tokenizer, train_rows, eval_rows, sft_args, peft=peft_config(miniature),
-                               resume_from_checkpoint=args.resume)
+                               resume_from_checkpoint=str(resume) if resume else None)
     final = output_dir / FINAL
     if trainer.is_fsdp_enabled:
         # A sharded state dict is not an adapter file; gather the full (adapter-only) state dict to save it.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(final))
+    # Every rank takes part in saving (FSDP gathers the shards), into a hidden sibling folder; the main process
+    # records the base and swaps it in, so an interrupted save leaves the previous final/ whole.
+    staging = staging_path(final)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
     trainer.save_state()
     trainer.accelerator.wait_for_everyone()
     is_main = trainer.is_world_process_zero()
+    if is_main:
+        record_base(staging, model)
+        swap_in(staging, final)
     del trainer, base
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -11,6 +11,9 @@ learner starts from the same base at once.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parent.parent
@@ -20,6 +23,10 @@ DATASET_TEST: Path = DATA_DIR / "house_format_test.jsonl"
 
 MINIATURE = "miniature"
 REAL_PHI3 = "microsoft/Phi-3-mini-4k-instruct"
+
+
+class SettingsError(RuntimeError):
+    """A wrong setting (environment variable, model folder, output folder); the message says what to change."""
 
 
 def outputs_dir() -> Path:
@@ -73,6 +80,7 @@ def silence_library_noise() -> None:
     import logging
     import warnings
 
+    apply_offline_switches()
     for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -84,3 +92,168 @@ def silence_library_noise() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+# Offline by default, no telemetry: the miniature needs no network at all, and no run reports usage anywhere
+# unless the user opts in by setting these variables themselves.
+OFFLINE_SWITCHES: dict[str, str] = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+NO_TELEMETRY_SWITCHES: dict[str, str] = {
+    # huggingface_hub's send_telemetry; TRL 1.16 has no switch of its own: every trainer it builds (SFTTrainer
+    # included) reports its usage through send_telemetry, which this variable (or HF_HUB_OFFLINE) turns off.
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",  # the cross-tool convention (https://donottrack.sh); huggingface_hub honours it too
+    "HF_UPDATE_DOWNLOAD_COUNTS": "false",  # datasets' download counter for packaged builders such as "json"
+}
+
+
+def apply_offline_switches() -> dict[str, str]:
+    """Set the libraries' no-telemetry switches, and their offline switches for the miniature, unless already set.
+
+    Uses ``os.environ.setdefault``, so a user's own value wins. Libraries already imported read some of these at
+    import time, so their module-level copies are updated too. Returns the variables this call set.
+    """
+    wanted = {**NO_TELEMETRY_SWITCHES, **(OFFLINE_SWITCHES if is_miniature() else {})}
+    changed = {k: v for k, v in wanted.items() if k not in os.environ}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    _sync_imported_libraries()
+    return changed
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _sync_imported_libraries() -> None:
+    import sys
+
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE or _truthy("HF_HUB_OFFLINE")
+        hub.HF_HUB_DISABLE_TELEMETRY = hub.HF_HUB_DISABLE_TELEMETRY or _truthy("HF_HUB_DISABLE_TELEMETRY") \
+            or _truthy("DO_NOT_TRACK")
+    ds = sys.modules.get("datasets.config")
+    if ds is not None:
+        ds.HF_HUB_OFFLINE = ds.HF_HUB_OFFLINE or _truthy("HF_DATASETS_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+        ds.HF_UPDATE_DOWNLOAD_COUNTS = ds.HF_UPDATE_DOWNLOAD_COUNTS and os.environ.get(
+            "HF_UPDATE_DOWNLOAD_COUNTS", "").strip().lower() not in ("0", "false", "no", "off")
+
+
+def looks_like_path(spec: str) -> bool:
+    """True when a model setting is meant as a folder (``./x``, ``/x``, ``~/x``, ``a/b/c``, an existing path),
+    False for a hub id like ``microsoft/Phi-3-mini-4k-instruct``."""
+    if spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists():
+        return True
+    return spec.count("/") > 1 or os.sep in spec.replace("/", "")
+
+
+def check_outputs_dir() -> Path:
+    """The output folder, created if needed; :class:`SettingsError` when it is a file or cannot be written."""
+    out = outputs_dir()
+    source = "PHI3_LAB_OUTPUTS" if "PHI3_LAB_OUTPUTS" in os.environ else "the default output folder"
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"{out}: is a file, not a folder ({source}); set PHI3_LAB_OUTPUTS to a folder, "
+                            "e.g. PHI3_LAB_OUTPUTS=outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise SettingsError(f"{out}: cannot write there ({err.strerror or err}; {source}); set PHI3_LAB_OUTPUTS to "
+                            "a folder you can write to") from None
+    return out
+
+
+def check_model_setting() -> str:
+    """The configured model, checked without loading it; :class:`SettingsError` saying what to change when it is
+    a missing or empty folder, a folder without ``config.json``, or (offline) a hub id that is not in the cache."""
+    return check_model_spec(model_id())
+
+
+def check_model_spec(spec: str, source: str = "PHI3_MODEL_ID") -> str:
+    """:func:`check_model_setting` for any model value; ``source`` names the setting in the message."""
+    if spec == MINIATURE:
+        return spec
+    if looks_like_path(spec):
+        folder = Path(spec).expanduser()
+        hint = (f"set {source} to a folder holding a Phi-3 checkpoint (config.json, *.safetensors, tokenizer), "
+                f"to a hub id such as {REAL_PHI3}, or unset it for the miniature")
+        if not folder.exists():
+            raise SettingsError(f"{source}={spec}: no such folder; {hint}")
+        if not folder.is_dir():
+            raise SettingsError(f"{source}={spec}: is a file, not a model folder; {hint}")
+        if not any(folder.iterdir()):
+            raise SettingsError(f"{source}={spec}: the folder is empty; {hint}")
+        if not (folder / "config.json").is_file():
+            raise SettingsError(f"{source}={spec}: no config.json in the folder, so it is not a saved model; "
+                                f"{hint}")
+        return spec
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise SettingsError(f"{source}={spec}: neither a folder here nor a valid hub id (owner/name, "
+                            f"e.g. {REAL_PHI3})") from None
+    if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            raise SettingsError(f"{source}={spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                                f"forbids downloading it; check the spelling (e.g. {REAL_PHI3}), or download it "
+                                "once with network access (unset HF_HUB_OFFLINE)")
+    return spec
+
+
+def check_settings() -> None:
+    """Check ``PHI3_MODEL_ID`` and ``PHI3_LAB_OUTPUTS``; one :class:`SettingsError` saying what to change."""
+    check_model_setting()
+    check_outputs_dir()
+
+
+INTERRUPT_MESSAGE = "Interrupted. Re-run this cell to start it again; checkpoints under outputs/runs/ are kept."
+
+
+def quiet_interrupts(message: str = INTERRUPT_MESSAGE) -> bool:
+    """In IPython/Jupyter, make Ctrl-C (``KeyboardInterrupt``) print one line instead of chained tracebacks.
+
+    Returns True when a handler was registered, False outside IPython (where it does nothing).
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+
+    def one_line(shell: object, etype: type, value: BaseException, tb: object, tb_offset: int | None = None) -> None:
+        print(message)
+
+    shell.set_custom_exc((KeyboardInterrupt,), one_line)
+    return True
+
+
+@contextmanager
+def scratch_dir(name: str) -> Iterator[Path]:
+    """A temporary folder ``OUTPUTS/tmp/NAME`` (emptied first) that is removed when the block ends.
+
+    Use instead of ``tempfile.mkdtemp()``: nothing the series writes lands outside the output folder, and a
+    folder a crash leaves behind is found, and emptied, by the next run.
+    """
+    root = check_outputs_dir() / "tmp"
+    path = root / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+
+
+apply_offline_switches()

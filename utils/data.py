@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import statistics
 import sys
 from collections import Counter
@@ -89,17 +90,39 @@ def check_conversation(obj: Any) -> list[str]:
     return reasons
 
 
-def check_chat_jsonl(path: str | Path) -> list[Problem]:
-    """Every problem in a chat JSONL file, one per line of the file (empty list when the file is valid)."""
+def _invalid_characters(messages: list[dict]) -> list[str]:
+    """Lone surrogates (from JSON escapes like ``"\\ud800"``): valid JSON, but no tokenizer can encode them."""
+    reasons = []
+    for i, msg in enumerate(messages, start=1):
+        match = _SURROGATE.search(msg["content"])
+        if match:
+            reasons.append(f"message {i} content has an invalid character (lone surrogate "
+                           f"\\u{ord(match.group()):04x} at column {match.start() + 1}); fix the JSON escape")
+    return reasons
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _parse(path: str | Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """The one reader the checker and the loader share: (line number, record) pairs and the problems found.
+
+    JSONL lines end at ``\\n`` only (``\\r\\n`` works too: JSON ignores the ``\\r``); characters such as U+2028,
+    U+0085 or ``\\x0b`` inside a JSON string are content, not line breaks (``str.splitlines`` would split there).
+    Only records that pass every check are returned.
+    """
     name = str(path)
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
-        return [Problem(name, 0, "file not found")]
+        return [], [Problem(name, 0, "file not found")]
     except IsADirectoryError:
-        return [Problem(name, 0, "is a folder, expected a .jsonl file")]
+        return [], [Problem(name, 0, "is a folder, expected a .jsonl file")]
+    except OSError as err:
+        return [], [Problem(name, 0, f"cannot read the file ({err.strerror or err}); give a readable .jsonl file")]
     if not raw.strip():
-        return [Problem(name, 1, "file is empty; expected one JSON conversation per line")]
+        return [], [Problem(name, 1, "file is empty; expected one JSON conversation per line")]
+    records: list[tuple[int, Any]] = []
     problems: list[Problem] = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
@@ -115,17 +138,69 @@ def check_chat_jsonl(path: str | Path) -> list[Problem]:
         except json.JSONDecodeError as err:
             problems.append(Problem(name, number, f"malformed JSON: {err.msg} at column {err.colno}"))
             continue
-        problems += [Problem(name, number, reason) for reason in check_conversation(obj)]
+        reasons = check_conversation(obj) or _invalid_characters(obj["messages"])
+        problems += [Problem(name, number, reason) for reason in reasons]
+        if not reasons:
+            records.append((number, obj))
+    return records, problems
+
+
+def token_lengths(conversations: list[list[dict]], tokenizer: Any) -> list[int]:
+    """Tokens of each conversation as training sees it: rendered with the tokenizer's chat template."""
+    if not conversations:
+        return []
+    encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _length_problems(name: str, numbered: list[tuple[int, Any]], tokenizer: Any, max_tokens: int) -> list[Problem]:
+    lengths = token_lengths([obj["messages"] for _, obj in numbered], tokenizer)
+    return [Problem(name, number, f"conversation is {n} tokens, longer than the model's context of {max_tokens}; "
+                                  "shorten or split it")
+            for (number, _), n in zip(numbered, lengths) if n > max_tokens]
+
+
+def check_chat_jsonl(path: str | Path, tokenizer: Any | None = None, max_tokens: int | None = None) -> list[Problem]:
+    """Every problem in a chat JSONL file, one per line of the file (empty list when the file is valid).
+
+    With a ``tokenizer`` and ``max_tokens`` (the model's context, ``max_position_embeddings``), conversations
+    longer than the context are problems too.
+    """
+    records, problems = _parse(path)
+    if tokenizer is not None and max_tokens is not None:
+        problems += _length_problems(str(path), records, tokenizer, max_tokens)
+        problems.sort(key=lambda p: p.line)
     return problems
 
 
-def load_chat_jsonl(path: str | Path) -> list[dict]:
-    """The file's records, after checking them; raises :class:`DataError` listing every problem."""
-    problems = check_chat_jsonl(path)
+def load_chat_jsonl(path: str | Path, tokenizer: Any | None = None, max_tokens: int | None = None) -> list[dict]:
+    """The file's records, read exactly as :func:`check_chat_jsonl` reads them; raises :class:`DataError` listing
+    every problem (over-long conversations too, when ``tokenizer`` and ``max_tokens`` are given)."""
+    records, problems = _parse(path)
+    if not problems and tokenizer is not None and max_tokens is not None:
+        problems = _length_problems(str(path), records, tokenizer, max_tokens)
     if problems:
         raise DataError(problems)
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return [obj for _, obj in records]
+
+
+def check_lengths(rows: list[dict], tokenizer: Any, max_tokens: int, source: str) -> None:
+    """Refuse conversations longer than the model's context: :class:`DataError` with one ``SOURCE:N: conversation
+    is T tokens, longer than ...`` line each (N is the row's 1-based position: the file's line number when the
+    rows come from a JSONL file without blank lines)."""
+    problems = _length_problems(source, list(enumerate(rows, start=1)), tokenizer, max_tokens)
+    if problems:
+        raise DataError(problems)
+
+
+def context_length(model_path: str) -> int | None:
+    """The model's context (``max_position_embeddings`` of its config), or None when the config cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(model_path).max_position_embeddings)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
 
 
 def save_splits(train: list[dict], test: list[dict], folder: Path) -> Any:
@@ -178,15 +253,23 @@ def _summary_lines(path: str, summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def _load_tokenizer(spec: str | None) -> Any | None:
+def _load_tokenizer(spec: str | None) -> tuple[Any | None, int | None, str | None]:
+    """(tokenizer, context length, why not) for the check: ``--tokenizer`` or the configured model's, if readable."""
     from utils import config
 
-    path = spec or (config.model_path() if config.is_miniature() else None)
-    if not path or (config.is_miniature() and not spec and not Path(path).exists()):
-        return None
-    from transformers import AutoTokenizer
+    path = spec or config.model_path()
+    if not spec and not config.is_miniature() and not Path(path).is_dir():
+        from huggingface_hub import try_to_load_from_cache
 
-    return AutoTokenizer.from_pretrained(path)
+        if not isinstance(try_to_load_from_cache(path, "tokenizer_config.json"), str):
+            return None, None, f"{path} is not downloaded yet"
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        return None, None, f"no tokenizer could be loaded from {path} ({str(err).splitlines()[0][:120]})"
+    return tokenizer, context_length(path), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,18 +277,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate files and print a summary")
     check.add_argument("paths", nargs="+", help="chat JSONL files")
-    check.add_argument("--tokenizer", help="tokenizer folder or id for token lengths (default: the miniature's, "
-                                           "if built; else word counts)")
+    check.add_argument("--tokenizer", help="tokenizer folder or id for token lengths and the context check "
+                                           "(default: the configured model's; else word counts)")
+    check.add_argument("--max-tokens", type=int, help="longest conversation allowed (default: the model's "
+                                                      "max_position_embeddings)")
     args = parser.parse_args(argv)
-    problems = [p for path in args.paths for p in check_chat_jsonl(path)]
+    tokenizer, context, why = _load_tokenizer(args.tokenizer)
+    max_tokens = args.max_tokens or context
+    problems = [p for path in args.paths for p in check_chat_jsonl(path, tokenizer, max_tokens)]
+    if why:
+        print(f"note: lengths not checked against the model's context: {why}", file=sys.stderr)
     if problems:
         for p in problems:
             print(p)
         print(f"{len(problems)} problem(s) found.", file=sys.stderr)
         return 1
-    tokenizer = _load_tokenizer(args.tokenizer)
     for path in args.paths:
         print("\n".join(_summary_lines(path, summarize(load_chat_jsonl(path), tokenizer))))
+        if max_tokens:
+            print(f"  context            every conversation fits in {max_tokens} tokens")
     return 0
 
 

@@ -109,15 +109,25 @@ def expected_lora_parameters(model: nn.Module, r: int, targets: dict[str, list[b
     return counts
 
 
-def save_lora(model: nn.Module, folder: Path, meta: dict[str, Any]) -> Path:
-    """Write only the LoRA tensors (safetensors) and ``meta`` (r, alpha, targets, ...) as JSON; returns the file."""
+def save_lora(model: nn.Module, folder: Path, meta: dict[str, Any], base_path: str | Path | None = None) -> Path:
+    """Write only the LoRA tensors (safetensors) and ``meta`` (r, alpha, targets, ...) as JSON; returns the file.
+
+    The folder is written aside and swapped in whole (``utils.atomic``), with ``base_model.json`` recording the base
+    (``base_path``, default the folder the model was loaded from) so that loading onto another base is caught.
+    """
     from safetensors.torch import save_file
 
+    from utils.adapters import record_base
+    from utils.atomic import atomic_folder
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    base_path = base_path or getattr(model, "name_or_path", None)
     tensors = {k: v.detach().contiguous().cpu() for k, v in lora.lora_state_dict(model).items()}
-    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt", "library": "loralib"})
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_folder(folder) as staging:
+        save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt", "library": "loralib"})
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if base_path and Path(base_path).is_dir():
+            record_base(staging, base_path)
     return folder / ADAPTER_FILE
 
 
@@ -133,11 +143,9 @@ def pretrained_state_dict(base_path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors checkpoint (one file or shards) in a local folder or the hub cache."""
     from safetensors.torch import load_file
 
-    folder = Path(base_path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+    from utils.adapters import resolve_model_folder
 
-        folder = Path(snapshot_download(str(base_path), allow_patterns=["*.safetensors"]))
+    folder = resolve_model_folder(base_path)  # a local folder, or the hub cache only: never the network
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors checkpoint in {folder}")
@@ -152,11 +160,17 @@ def check_load(result: Any, allowed_missing: set[str], what: str) -> None:
 
 
 def load_loralib_model(base_path: str | Path, folder: Path, dtype: torch.dtype | None = None,
-                       attn_implementation: str = "sdpa") -> nn.Module:
-    """Chapter 02's adapter, rebuilt the seed's way (base, then LoRA checkpoint, ``strict=False``); eval(), merged."""
+                       attn_implementation: str = "sdpa", allow_mismatch: bool = False) -> nn.Module:
+    """Chapter 02's adapter, rebuilt the seed's way (base, then LoRA checkpoint, ``strict=False``); eval(), merged.
+
+    Stops with ``utils.adapters.AdapterBaseMismatch`` when ``base_path`` is not the base the adapter was trained on.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from utils.adapters import check_adapter_base
+
     meta = read_meta(folder)
+    check_adapter_base(folder, base_path, allow_mismatch)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path), dtype=dtype or torch.float32,
                                              attn_implementation=attn_implementation)
     try:

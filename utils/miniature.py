@@ -210,12 +210,30 @@ def require_shipped_miniature(path: Path | None = None) -> Path:
     """The shipped miniature's folder; stops with what to do when a file of it is missing."""
     path = path or config.miniature_dir()
     missing = [name for name in SHIPPED_FILES if not (path / name).is_file()]
+    shown = path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT) else path
     if missing:
-        shown = path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT) else path
         raise FileNotFoundError(
             f"{shown} is incomplete (missing {', '.join(missing)}): restore the shipped base with "
             f"`git checkout -- {shown}` or rebuild it with `make miniature`.")
+    check_weights_readable(path, shown)
     return path
+
+
+def check_weights_readable(path: Path, shown: Path | str | None = None) -> None:
+    """Read every tensor of the folder's ``model.safetensors``; a truncated or corrupt file (an interrupted copy or
+    build) becomes one :class:`utils.config.SettingsError` naming the file and the fix, never a half-used base."""
+    from safetensors import safe_open
+
+    shown = shown or path
+    file = Path(path) / "model.safetensors"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception as err:  # safetensors raises SafetensorError, OSError or RuntimeError depending on the damage
+        raise config.SettingsError(
+            f"{shown}/model.safetensors is damaged ({str(err).splitlines()[0][:100]}): restore the shipped base "
+            f"with `git checkout -- {shown}` or rebuild it with `make miniature`.") from None
 
 
 def main(argv: list[str] | None = None) -> int:

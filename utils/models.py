@@ -52,12 +52,61 @@ def hardware_report() -> Hardware:
 
 
 def require_miniature_or_model() -> str:
-    """The ``from_pretrained`` path of the configured model: the shipped miniature's folder, or ``PHI3_MODEL_ID``."""
+    """The ``from_pretrained`` path of the configured model: the shipped miniature's folder, or ``PHI3_MODEL_ID``.
+
+    Checks the settings first (``config.check_settings``): a wrong ``PHI3_MODEL_ID`` or ``PHI3_LAB_OUTPUTS`` stops
+    here with one :class:`utils.config.SettingsError` saying what to change.
+    """
+    config.check_settings()
     if config.is_miniature():
         from utils.miniature import require_shipped_miniature
 
         return str(require_shipped_miniature())
-    return config.model_id()
+    return check_model(config.model_id())
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+_warned_types: set[str] = set()
+
+
+def check_model(path: str) -> str:
+    """``path`` after checking the model it names without loading it: warns when ``model_type`` is not ``phi3`` (the
+    series is written for Phi-3), stops with :class:`utils.config.SettingsError` when a local folder has no
+    tokenizer or no chat template. A hub id not downloaded yet is left to ``from_pretrained``."""
+    import json
+    import warnings
+
+    from utils.adapters import resolve_model_folder
+
+    local = Path(path).expanduser().is_dir()
+    try:
+        folder = resolve_model_folder(path)
+        settings = json.loads((folder / "config.json").read_text())
+    except (config.SettingsError, OSError, ValueError):
+        return path
+    model_type = settings.get("model_type")
+    if model_type != "phi3" and path not in _warned_types:
+        _warned_types.add(path)
+        warnings.warn(f"{path} is a {model_type!r} model, not Phi-3: the series (chat template, target modules such "
+                      "as qkv_proj, loralib's fused-projection chapter) is written for Phi-3 and may fail or "
+                      "mislead on it", stacklevel=2)
+    if not local:
+        return path
+    missing = []
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        tokenizer_config = {}
+    if not (tokenizer_config.get("chat_template") or (folder / "chat_template.jinja").is_file()
+            or (folder / "chat_template.json").is_file()):
+        missing.append("chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
+    if missing:
+        raise config.SettingsError(f"PHI3_MODEL_ID={path}: the folder has no {' and no '.join(missing)}; the "
+                                   "chapters format every conversation with it. Copy the tokenizer files of the model "
+                                   "into the folder (tokenizer.save_pretrained(folder)), or use a Phi-3 checkpoint.")
+    return path
 
 
 def load_tokenizer(path: str | None = None) -> Any:

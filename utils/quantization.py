@@ -237,10 +237,19 @@ def max_logit_diff(model_a: Any, model_b: Any, tokenizer: Any, conversations: li
 
 
 def load_adapter(adapter_dir: Path, base_path: str | None = None, quantized: bool = False,
-                 hardware: Hardware | None = None) -> Any:
-    """A saved LoRA adapter on its base, in the hardware's dtype (fp32 on CPU) or, with ``quantized``, in 4-bit NF4."""
+                 hardware: Hardware | None = None, allow_mismatch: bool = False) -> Any:
+    """A saved LoRA adapter on its base, in the hardware's dtype (fp32 on CPU) or, with ``quantized``, in 4-bit NF4.
+
+    Stops with ``utils.adapters.AdapterBaseMismatch`` before loading when ``base_path`` is not the base the adapter
+    was trained on (``allow_mismatch=True`` loads it anyway, with a warning).
+    """
     from peft import PeftModel
 
+    from utils.adapters import check_adapter_base
+    from utils.models import require_miniature_or_model
+
+    base_path = base_path or require_miniature_or_model()
+    check_adapter_base(adapter_dir, base_path, allow_mismatch)
     hw = hardware or hardware_report()
     base = load_4bit_model(base_path, hw) if quantized else load_model(base_path, hardware=hw)
     return PeftModel.from_pretrained(base, str(adapter_dir))
@@ -257,7 +266,8 @@ def full_precision_base(base_path: str | None = None, dequantized: bool = False,
 
 
 def merge_adapter_into_full_precision(base_path: str | None, adapter_dir: Path, out_dir: Path,
-                                      dequantized: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+                                      dequantized: bool = False, dtype: torch.dtype = torch.float32,
+                                      allow_mismatch: bool = False) -> Path:
     """Merge a LoRA/QLoRA adapter into the base reloaded in full precision; save model and tokenizer to ``out_dir``.
 
     ``dequantized=True`` merges into the NF4 weights the QLoRA adapter was trained against (reproduces the trained
@@ -268,11 +278,16 @@ def merge_adapter_into_full_precision(base_path: str | None, adapter_dir: Path, 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from utils.adapters import check_adapter_base
+    from utils.atomic import atomic_folder
+    from utils.models import require_miniature_or_model
+
+    base_path = base_path or require_miniature_or_model()
+    check_adapter_base(adapter_dir, base_path, allow_mismatch)
     base = full_precision_base(base_path, dequantized, dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out_dir))
     tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base_path
-    AutoTokenizer.from_pretrained(str(tokenizer_source or merged.name_or_path)).save_pretrained(str(out_dir))
-    return out_dir
+    with atomic_folder(out_dir) as staging:  # an interrupted save leaves the previous merged model, never half of one
+        merged.save_pretrained(str(staging))
+        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(staging))
+    return Path(out_dir)

@@ -228,3 +228,69 @@ def save_run_stats(folder: Path, stats: dict, history: list[dict]) -> Path:
     path = folder / "run_stats.json"
     path.write_text(json.dumps({**stats, "history": history}, indent=2))
     return path
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from (None when it can): its ``trainer_state.json`` must
+    parse and its weights (``adapter_model.safetensors`` or ``model.safetensors``) must load."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json unreadable ({type(err).__name__})"
+    weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).is_file()]
+    if not weights:
+        return "no adapter_model.safetensors or model.safetensors"
+    try:
+        with safe_open(str(weights[0]), framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as err:  # SafetensorError, OSError: a save cut short
+        return f"{weights[0].name} unreadable ({str(err).splitlines()[0][:80]})"
+    return None
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint-N`` in ``run_dir`` that is complete; skips partial or empty ones (an interrupted save)
+    with a one-line warning each. None when there is none."""
+    import re
+    import warnings
+
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
+             if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, folder in sorted(found, reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        warnings.warn(f"{folder}: skipped, incomplete ({problem}); probably a save that was interrupted",
+                      stacklevel=2)
+    return None
+
+
+def fresh_run_dir(name: str) -> Path:
+    """``OUTPUTS/runs/NAME.partial``, emptied: where a new run writes its checkpoints, so that the previous run's
+    ``OUTPUTS/runs/NAME`` stays intact until :func:`promote_run` swaps the new one in (after its adapter is saved)."""
+    import shutil
+
+    from utils import config
+
+    folder = config.check_outputs_dir() / "runs" / f"{name}.partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def promote_run(partial: Path, final: Path | None = None) -> Path:
+    """Replace the previous run's folder by the finished ``NAME.partial`` one (old moved aside, then deleted)."""
+    from utils.atomic import swap_in
+
+    partial = Path(partial)
+    if final is None:
+        if not partial.name.endswith(".partial"):
+            raise ValueError(f"{partial}: expected a NAME.partial folder from fresh_run_dir, or give final=")
+        final = partial.with_name(partial.name[: -len(".partial")])
+    return swap_in(partial, Path(final))
