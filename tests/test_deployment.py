@@ -10,6 +10,7 @@ import pytest
 from utils.deployment import (ChatSession, builder_command, chat_widget, check_agreement, check_export, diff_table,
                               export_onnx, folder_size, model_card, ort_generate, time_tokens, transcript_html,
                               upload_plan, write_model_card)
+from utils.deployment import lora_weights, make_adapters_switchable, write_onnx_adapter
 
 PROMPTS = [[{"role": "user", "content": "The door on floor 4 is broken, low priority."}],
            [{"role": "system", "content": "Answer with one ticket line."},
@@ -137,3 +138,37 @@ def test_checks_and_diff_table():
     assert check_agreement(1, ["a"], ["a", "c"]).startswith("not yet")
     assert diff_table(["r0", "r1"], ["a", "b"], ["a", "c"]) == [{"#": "1", "request": "r1", "transformers": "b",
                                                                  "onnx": "c"}]
+
+
+def test_runtime_adapter_switching_matches_exports_with_the_adapter_built_in(tiny_model_dir: Path, tmp_path: Path):
+    import onnxruntime_genai as og
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    exports = {}
+    for name, seed in [("a", 1), ("b", 2)]:
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"]))
+        for key, weight in peft_model.named_parameters():
+            if "lora_B" in key:
+                torch.nn.init.normal_(weight, std=0.5)
+        peft_model.save_pretrained(tmp_path / f"adapter_{name}")
+        exports[name] = export_onnx(tiny_model_dir, tmp_path / f"onnx_{name}", "fp32",
+                                    extra_options={"adapter_path": str(tmp_path / f"adapter_{name}")}).folder
+    names = make_adapters_switchable(exports["a"], tmp_path / "switchable")
+    assert len(names) == 2 * 2 * 4  # 2 layers x (q, k, v, o) x (A, B)
+    model = og.Model(str(tmp_path / "switchable"))
+    tokenizer, adapters = og.Tokenizer(model), og.Adapters(model)
+    for name, folder in exports.items():
+        adapters.load(str(write_onnx_adapter(lora_weights(folder), tmp_path / f"{name}.onnx_adapter")), name)
+    answers = {}
+    for name, folder in exports.items():
+        built_in = og.Model(str(folder))
+        answers[name] = [g.text for g in ort_generate(model, tokenizer, PROMPTS, 12, adapters, name)]
+        assert answers[name] == [g.text for g in ort_generate(built_in, og.Tokenizer(built_in), PROMPTS, 12)]
+    assert answers["a"] != answers["b"]
+    plain = export_onnx(tiny_model_dir, tmp_path / "plain", "fp32").folder
+    with pytest.raises(ValueError, match="adapter_path"):
+        make_adapters_switchable(plain, tmp_path / "again")

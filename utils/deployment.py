@@ -213,6 +213,63 @@ def diff_table(requests: Sequence[str], left: Sequence[str], right: Sequence[str
             for i, (r, a, b) in enumerate(zip(requests, left, right)) if a != b]
 
 
+# --- runtime adapters -------------------------------------------------------------------------------------------
+
+def lora_weights(export: str | Path) -> dict[str, Any]:
+    """The LoRA matrices the builder wrote into an export made with ``adapter_path`` (name -> numpy array).
+
+    The builder splits Phi-3's fused ``qkv_proj`` adapter into q/k/v parts and folds ``lora_alpha / r`` into B.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(Path(export) / "model.onnx"))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if ".lora_" in i.name}
+
+
+def make_adapters_switchable(export: str | Path, output: str | Path) -> list[str]:
+    """Copy an export made with ``adapter_path`` so that its LoRA matrices become inputs that ``og.Adapters`` sets.
+
+    Each LoRA matrix becomes a graph input whose default (the initializer of the same name) has B set to zero, so
+    with no adapter active the model is the base. Returns the names of the new inputs.
+    """
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    export, output = Path(export), Path(output)
+    if output.exists():
+        shutil.rmtree(output)
+    shutil.copytree(export, output)
+    model = onnx.load(str(output / "model.onnx"))
+    names = []
+    for init in model.graph.initializer:
+        if ".lora_" not in init.name:
+            continue
+        value = numpy_helper.to_array(init)
+        if ".lora_B" in init.name:
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(value), init.name))
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(value.shape)))
+        names.append(init.name)
+    if not names:
+        raise ValueError(f"{export}/model.onnx has no LoRA matrices: export it with extra option adapter_path=ADAPTER")
+    (output / "model.onnx.data").unlink(missing_ok=True)
+    onnx.save(model, str(output / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return names
+
+
+def write_onnx_adapter(weights: dict[str, Any], path: str | Path) -> Path:
+    """Save LoRA matrices (from :func:`lora_weights`) as an ONNX Runtime ``.onnx_adapter`` file for ``og.Adapters``."""
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in weights.items()})
+    adapter.export_adapter(str(path))
+    return Path(path)
+
+
 # --- chat window ------------------------------------------------------------------------------------------------
 
 Reply = Callable[[list[Message]], Iterable[str]]
