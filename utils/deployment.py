@@ -51,7 +51,8 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
     """Run the ONNX Runtime GenAI model builder on a Hugging Face folder, in this process.
 
     Same as :func:`builder_command`'s command line, without starting a new Python (the builder imports torch and
-    transformers, several seconds each time). The builder's own log goes to ``OUTPUT/builder.log``.
+    transformers, several seconds each time). The builder's own log goes to ``OUTPUT_PARENT/logs/OUTPUT_NAME.log``,
+    outside the model folder, so that it is neither uploaded nor listed in the model card.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -64,7 +65,8 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
     output.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else output.parent / ".builder_cache"
     options = [f"{k}={v}" for k, v in (extra_options or {}).items()]
-    log_path = output / "builder.log"
+    log_path = output.parent / "logs" / f"{output.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     quant_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level, quant_logger.level = quant_logger.level, logging.WARNING
     start = time.perf_counter()
