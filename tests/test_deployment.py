@@ -1,0 +1,174 @@
+"""Chapter 07's deployment helpers: a real ONNX Runtime GenAI export of the tiny miniature, and the pure parts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from utils.deployment import (ChatSession, builder_command, chat_widget, check_agreement, check_export, diff_table,
+                              export_onnx, folder_size, model_card, ort_generate, time_tokens, transcript_html,
+                              upload_plan, write_model_card)
+from utils.deployment import lora_weights, make_adapters_switchable, write_onnx_adapter
+
+PROMPTS = [[{"role": "user", "content": "The door on floor 4 is broken, low priority."}],
+           [{"role": "system", "content": "Answer with one ticket line."},
+            {"role": "user", "content": "Book cedar room for three people on friday at 3pm."}]]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("onnx")
+    return {p: export_onnx(tiny_model_dir, root / p, p).folder for p in ("fp32", "int4")}
+
+
+def test_fp32_export_answers_like_transformers(tiny_model_dir: Path, exports: dict[str, Path]):
+    import onnxruntime_genai as og
+
+    from utils.metrics import generate
+    from utils.models import load_model, load_tokenizer
+
+    reference = generate(load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir)), PROMPTS,
+                         max_new_tokens=12)
+    model = og.Model(str(exports["fp32"]))
+    answers = ort_generate(model, og.Tokenizer(model), PROMPTS, max_new_tokens=12)
+    assert [a.text for a in answers] == [r.text for r in reference]
+    assert [a.stopped for a in answers] == [r.stopped for r in reference]
+
+
+def test_int4_export_is_smaller_and_checked_as_int4(exports: dict[str, Path]):
+    assert folder_size(exports["int4"], "model.onnx*") < folder_size(exports["fp32"], "model.onnx*") / 2
+    assert check_export(exports["int4"], "int4").startswith("right")
+    assert check_export(exports["fp32"], "fp32").startswith("right")
+    assert check_export(exports["fp32"], "int4").startswith("not yet")
+    assert "bits=[4]" in check_export(exports["int4"], "int8")
+
+
+def test_export_refuses_an_adapter_folder_and_unknown_precision(tmp_path: Path):
+    (tmp_path / "adapter").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        export_onnx(tmp_path / "adapter", tmp_path / "out", "fp32")
+    with pytest.raises(ValueError, match="int3"):
+        export_onnx(tmp_path / "adapter", tmp_path / "out", "int3")
+    assert check_export(tmp_path / "missing", "int4").startswith("not yet")
+
+
+def test_builder_command_is_the_cli():
+    cmd = builder_command("outputs/adapters/lora merged", "out", "int4", extra_options={"block_size": "32"})
+    assert cmd == ("python -m onnxruntime_genai.models.builder -i 'outputs/adapters/lora merged' -o out -p int4 "
+                   "-e cpu --extra_options block_size=32")
+
+
+def test_time_tokens_measures_first_token_and_rate():
+    def stream():
+        for i in range(5):
+            time.sleep(0.02 if i == 0 else 0.01)
+            yield i
+
+    timing = time_tokens(stream, repeats=2)
+    assert timing.tokens == 5
+    assert timing.first_token_s >= 0.02
+    assert 20 < timing.tokens_per_s <= 100
+    with pytest.raises(ValueError, match="no token"):
+        time_tokens(lambda: iter([]), repeats=1)
+
+
+def test_chat_session_streams_and_keeps_history():
+    seen: list[list[dict]] = []
+
+    def reply(messages):
+        seen.append(list(messages))
+        yield "FIX | "
+        yield "item: door"
+
+    session = ChatSession(reply, system="Answer with one ticket line.")
+    partials: list[str] = []
+    assert session.send("  door broken  ", on_piece=partials.append) == "FIX | item: door"
+    assert partials == ["FIX | ", "FIX | item: door"]
+    assert seen[0] == [{"role": "system", "content": "Answer with one ticket line."},
+                       {"role": "user", "content": "door broken"}]
+    session.send("and the window")
+    assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
+    assert session.send("   ") == "" and len(seen) == 2
+    session.clear()
+    assert session.messages() == [{"role": "system", "content": "Answer with one ticket line."}]
+
+
+def test_chat_widget_send_and_new_chat_without_a_browser():
+    session = ChatSession(lambda messages: iter(["<b>FIX</b>"]))
+    ui = chat_widget(session)
+    ui.box.value = "door <broken>"
+    ui.children[1].children[1].click()
+    assert ui.box.value == ""
+    assert "door &lt;broken&gt;" in ui.transcript.value and "&lt;b&gt;FIX&lt;/b&gt;" in ui.transcript.value
+    assert session.history[-1] == {"role": "assistant", "content": "<b>FIX</b>"}
+    ui.children[1].children[2].click()
+    assert session.history == [] and ui.transcript.value == transcript_html([])
+
+
+def test_model_card_is_written_from_the_inputs(tmp_path: Path):
+    card = model_card(title="phi3 house-format LoRA", base="miniature Phi-3", base_details={"parameters": 749952},
+                      data_card="# Data card\n\n**What.** Office requests rewritten as tickets.\n\nMore.",
+                      training={"epochs": 3, "learning_rate": 0.002}, lora={"r": 8, "lora_alpha": 16, "other": 1},
+                      scores={"lora": {"exact_match": 0.95, "rouge_l": 0.5}}, files=["model.onnx"],
+                      intended_use="Teaching.", limits="A toy.", parity={"fp32 vs transformers": "120 of 120"})
+    assert card.startswith("---\nbase_model: miniature Phi-3\n")
+    for expected in ["| parameters | 749952 |", "**What.** Office requests", "| learning_rate | 0.002 |",
+                     "| r | 8 |", "| lora | 0.950 | 0.500 |", "| fp32 vs transformers | 120 of 120 |",
+                     "- `model.onnx`", "Teaching.", "A toy."]:
+        assert expected in card
+    assert "other" not in card
+    assert write_model_card(tmp_path, card).read_text() == card
+
+
+def test_upload_plan_and_sizes(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "b.json").write_text("{}")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "c").write_text("hidden")
+    assert upload_plan(tmp_path) == [("a.bin", 10), ("sub/b.json", 2)]
+    assert folder_size(tmp_path, "*.bin") == 10
+
+
+def test_checks_and_diff_table():
+    assert check_agreement(1, ["a", "b"], ["a", "c"]).startswith("right")
+    assert check_agreement(2, ["a", "b"], ["a", "c"]).startswith("not yet")
+    assert check_agreement(1, ["a"], ["a", "c"]).startswith("not yet")
+    assert diff_table(["r0", "r1"], ["a", "b"], ["a", "c"]) == [{"#": "1", "request": "r1", "transformers": "b",
+                                                                 "onnx": "c"}]
+
+
+def test_runtime_adapter_switching_matches_exports_with_the_adapter_built_in(tiny_model_dir: Path, tmp_path: Path):
+    import onnxruntime_genai as og
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    exports = {}
+    for name, seed in [("a", 1), ("b", 2)]:
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                    LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"]))
+        for key, weight in peft_model.named_parameters():
+            if "lora_B" in key:
+                torch.nn.init.normal_(weight, std=0.5)
+        peft_model.save_pretrained(tmp_path / f"adapter_{name}")
+        exports[name] = export_onnx(tiny_model_dir, tmp_path / f"onnx_{name}", "fp32",
+                                    extra_options={"adapter_path": str(tmp_path / f"adapter_{name}")}).folder
+    names = make_adapters_switchable(exports["a"], tmp_path / "switchable")
+    assert len(names) == 2 * 2 * 4  # 2 layers x (q, k, v, o) x (A, B)
+    model = og.Model(str(tmp_path / "switchable"))
+    tokenizer, adapters = og.Tokenizer(model), og.Adapters(model)
+    for name, folder in exports.items():
+        adapters.load(str(write_onnx_adapter(lora_weights(folder), tmp_path / f"{name}.onnx_adapter")), name)
+    answers = {}
+    for name, folder in exports.items():
+        built_in = og.Model(str(folder))
+        answers[name] = [g.text for g in ort_generate(model, tokenizer, PROMPTS, 12, adapters, name)]
+        assert answers[name] == [g.text for g in ort_generate(built_in, og.Tokenizer(built_in), PROMPTS, 12)]
+    assert answers["a"] != answers["b"]
+    plain = export_onnx(tiny_model_dir, tmp_path / "plain", "fp32").folder
+    with pytest.raises(ValueError, match="adapter_path"):
+        make_adapters_switchable(plain, tmp_path / "again")
