@@ -60,13 +60,13 @@ def first_code_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode | None:
 
 
 def write(path: Path) -> bool:
-    """Make ``CELL`` the first code cell of the notebook at ``path`` (older bootstrap cells removed); True if changed."""
+    """Put ``CELL`` right after the title cell of the notebook at ``path`` (older bootstrap cells removed); True if changed."""
     nb = nbformat.read(path, as_version=4)
     first = first_code_cell(nb)
-    if first is not None and first.source == CELL:
+    if first is not None and first.source == CELL and nb.cells.index(first) <= 1:
         return False
     nb.cells = [c for c in nb.cells if not is_bootstrap(c)]
-    at = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells))
+    at = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
     nb.cells.insert(at, nbformat.v4.new_code_cell(CELL))
     nbformat.write(nb, path)
     return True
