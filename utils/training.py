@@ -183,27 +183,34 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def train_sft(model: Any, tokenizer: Any, train_rows: list[dict], eval_rows: list[dict], args: Any,
               peft: dict[str, Any] | None = None, resume_from_checkpoint: str | bool | None = None,
               callbacks: list[Any] | None = None) -> tuple[Any, dict]:
-    """Fine-tune with TRL's ``SFTTrainer`` (LoRA when ``peft`` is given); returns the trainer and run statistics."""
-    import time
+    """Fine-tune with TRL's ``SFTTrainer`` (LoRA when ``peft`` is given); returns the trainer and run statistics.
 
+    For scripts and tests (``scripts/finetune.py``, ``bench/``); chapters 03 and 04 write these calls out.
+    """
     from peft import LoraConfig
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(train_rows),
                          eval_dataset=to_dataset(eval_rows), processing_class=tokenizer,
                          peft_config=LoraConfig(**peft) if peft else None, callbacks=callbacks)
-    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    wall = time.perf_counter() - started
+    return trainer, run_stats(trainer, result)
+
+
+def run_stats(trainer: Any, result: Any) -> dict[str, Any]:
+    """What a finished run cost: steps, real tokens/s, trainable parameters, peak memory (``result`` from ``train()``).
+
+    Tokens are counted only when the ``SFTConfig`` set ``include_num_input_tokens_seen="non_padding"``.
+    """
     trainable, total = count_parameters(trainer.model)
     tokens = trainer.state.num_input_tokens_seen
-    stats = {
-        "wall_seconds": round(wall, 1), "steps": trainer.state.global_step, "train_loss": result.training_loss,
-        "tokens_seen": tokens, "tokens_per_second": round(tokens / result.metrics["train_runtime"], 1),
+    runtime = result.metrics["train_runtime"]
+    return {
+        "wall_seconds": round(runtime, 1), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "tokens_seen": tokens, "tokens_per_second": round(tokens / runtime, 1),
         "trainable_parameters": trainable, "total_parameters": total,
         "trainable_percent": round(100 * trainable / total, 3), "peak_memory_mb": round(peak_memory_mb(), 1),
     }
-    return trainer, stats
 
 
 def stop_after(step: int) -> Any:

@@ -1,0 +1,49 @@
+"""Checks on the chapters as documents: prose a learner can finish, and the Colab bootstrap in first place."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import bootstrap_cell  # noqa: E402
+
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+MAX_WORDS = 1500
+
+
+def markdown_words(path: Path) -> int:
+    """Words of markdown in a notebook, counted as runs of letters, digits and apostrophes."""
+    nb = nbformat.read(path, as_version=4)
+    return sum(len(re.findall(r"[A-Za-z0-9']+", c.source)) for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_every_chapter_is_found() -> None:
+    assert [p.name[:2] for p in CHAPTERS] == [f"{i:02d}" for i in range(len(CHAPTERS))] and len(CHAPTERS) >= 7
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_prose_a_learner_can_finish(path: Path) -> None:
+    words = markdown_words(path)
+    assert words <= MAX_WORDS, (f"notebooks/{path.name}: {words} words of markdown, at most {MAX_WORDS}: move build "
+                                "history or evidence to docs/BUILD_NOTES.md, or shorten")
+
+
+def test_word_count_counts_what_it_should(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("It's `SFTConfig` at 0.5, twice."),
+                                         nbformat.v4.new_code_cell("not counted at all")])
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert markdown_words(tmp_path / "x.ipynb") == 6
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_bootstrap_is_the_first_code_cell(path: Path) -> None:
+    first = bootstrap_cell.first_code_cell(nbformat.read(path, as_version=4))
+    assert first is not None and first.source == bootstrap_cell.CELL, (
+        f"notebooks/{path.name}: the first code cell is not the Colab bootstrap; "
+        "run `python scripts/bootstrap_cell.py --write`")
