@@ -37,6 +37,30 @@ def test_fp32_export_answers_like_transformers(tiny_model_dir: Path, exports: di
     assert [a.stopped for a in answers] == [r.stopped for r in reference]
 
 
+def test_the_shipped_base_exports_with_the_same_logits(tmp_path: Path):
+    """ONNX Runtime GenAI's builder 0.18 exports a Phi-3 whose vocabulary equals gate_up_proj's rows (2 x
+    intermediate_size) wrongly (logits off by ~10 from the first token); the shipped base must not be such a model."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from utils import config
+
+    base = AutoModelForCausalLM.from_pretrained(config.miniature_dir())
+    assert base.config.vocab_size != 2 * base.config.intermediate_size
+    model = og.Model(str(export_onnx(config.miniature_dir(), tmp_path / "base", "fp32").folder))
+    ids = [4, 203, 52, 385, 596]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=16)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    ort_logits = np.array(generator.get_output("logits"))[0, -1]
+    with torch.no_grad():
+        hf_logits = base(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(ort_logits - hf_logits).max() < 1e-3
+
+
 def test_int4_export_is_smaller_and_checked_as_int4(exports: dict[str, Path]):
     assert folder_size(exports["int4"], "model.onnx*") < folder_size(exports["fp32"], "model.onnx*") / 2
     assert check_export(exports["int4"], "int4").startswith("right")

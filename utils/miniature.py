@@ -65,6 +65,17 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
         chat_template=phi3_chat_template(), model_max_length=4096, padding_side="right")
 
 
+def padded_vocabulary(tokens: int, multiple: int = 64) -> int:
+    """Rows of the embedding and output matrices: the tokenizer's size padded to the next multiple of ``multiple``.
+
+    Phi-3 Mini does the same (32,011 tokens, 32,064 rows): matrix shapes that are multiples of 64 run faster on GPUs,
+    and the extra rows are never produced by the tokenizer. Here it also keeps the vocabulary off 2 x
+    ``intermediate_size`` (1,024 = the rows of ``gate_up_proj``), a shape ONNX Runtime GenAI's builder 0.18 exports
+    wrongly (chapter 07; docs/BUILD_NOTES.md).
+    """
+    return (tokens // multiple + 1) * multiple
+
+
 def build_model(tokenizer: Any, spec: MiniatureSpec) -> Any:
     """A randomly initialised ``Phi3ForCausalLM`` of the miniature's shape, stopping at ``<|end|>``."""
     import torch
@@ -72,7 +83,7 @@ def build_model(tokenizer: Any, spec: MiniatureSpec) -> Any:
 
     torch.manual_seed(spec.seed)
     end_id, eot_id = tokenizer.convert_tokens_to_ids([END, ENDOFTEXT])
-    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+    cfg = Phi3Config(vocab_size=padded_vocabulary(len(tokenizer)), hidden_size=spec.hidden_size,
                      intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
                      num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
                      max_position_embeddings=spec.max_position_embeddings,
