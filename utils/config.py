@@ -75,12 +75,14 @@ def model_tag() -> str:
 def silence_library_noise() -> None:
     """Keep notebook outputs readable: no per-file progress bars, deprecation chatter or optional-kernel notes.
 
-    Training progress (the trainer's own bar or table) and real errors still show.
+    Training progress (the trainer's own bar or table) and real errors still show; a Ctrl-C prints one line
+    (:func:`quiet_interrupts`).
     """
     import logging
     import warnings
 
     apply_offline_switches()
+    quiet_interrupts()
     for name in ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
