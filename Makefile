@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: env run test notebooks data miniature clean help
 
 help:
-	@echo "make run        execute notebooks 00-06 in order; results under outputs/"
+	@echo "make run        execute chapters 00-07 in order; results under outputs/"
 	@echo "make test       unit tests + every notebook through nbval (what CI runs)"
 	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
 	@echo "make data       regenerate data/ from its generator script"
@@ -29,7 +29,7 @@ test: env
 	$(PY) -m pytest
 
 notebooks: env
-	$(PY) scripts/run_series.py --in-place
+	$(PY) scripts/run_series.py --in-place --solutions
 
 data: env
 	$(PY) data/generate_house_format.py

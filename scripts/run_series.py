@@ -3,6 +3,7 @@
     python scripts/run_series.py              # executed copies under outputs/notebooks/ (make run)
     python scripts/run_series.py --in-place   # refresh the stored notebooks in notebooks/ (make notebooks)
     python scripts/run_series.py --only 03 04 # a subset, still in order
+    python scripts/run_series.py --in-place --solutions   # and the exercises' worked solutions (make notebooks)
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     nb = nbformat.read(path, as_version=4)
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
     client = NotebookClient(nb, timeout=None, kernel_name="python3", record_timing=True,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+                            resources={"metadata": {"path": str(path.parent)}})
     started = time.perf_counter()
     client.execute()
     total = time.perf_counter() - started
@@ -104,10 +105,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with executed copies")
     parser.add_argument("--only", nargs="*", default=[], help="chapter numbers to run, e.g. 00 03")
+    parser.add_argument("--solutions", action="store_true",
+                        help="after the chapters, run their worked solutions (notebooks/solutions/) too")
     args = parser.parse_args()
     out_dir = config.outputs_dir() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not args.only or p.name[:2] in args.only]
+    if args.solutions:
+        paths += [p for p in sorted((NOTEBOOKS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+                  if not args.only or p.name[:2] in args.only]
     reports, started = [], time.perf_counter()
     for path in paths:
         print(f"running {path.name} ...", flush=True)
