@@ -16,10 +16,12 @@ def _make_trainer(run: Run, model, tokenizer, train_rows, output_dir: Path):
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from utils.training import to_dataset
 
+    set_seed(run.seed)
     args = SFTConfig(output_dir=str(output_dir), max_steps=2, learning_rate=run.learning_rate,
                      per_device_train_batch_size=run.batch_size, weight_decay=0.0, seed=run.seed,
                      assistant_only_loss=True, padding_free=True, max_length=None, bf16=False, save_strategy="no",
