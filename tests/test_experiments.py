@@ -117,7 +117,8 @@ def test_run_names_and_variants() -> None:
     assert Run().variant == "LoRA" and Run(method="full").variant == "full FT"
     assert Run(use_dora=True).variant == "DoRA" and Run(init="pissa").variant == "PiSSA"
     assert Run(loraplus_ratio=16.0).variant == "LoRA+" and Run(use_rslora=True).variant == "rsLoRA"
-    assert Run(targets=ex.MLP).name == "LoRA r16 MLP lr 8e-03 4ep"
+    assert Run(targets=ex.MLP).name == "LoRA r16 MLP lr 8.0e-3 4ep"
+    assert Run(method="full", learning_rate=2.5e-4).name == "full FT lr 2.5e-4 4ep"
     names = [r.name for r in ex.sweep_grid() + ex.shape_grid(8e-3)]
     assert len(set(ex.sweep_grid() + ex.shape_grid(8e-3))) == 18 + 7 - 2  # r16 and all-linear repeat stage 1
     assert all("/" not in n for n in names)

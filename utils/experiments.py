@@ -45,6 +45,11 @@ def experiments_dir() -> Path:
     return config.outputs_dir() / "experiments"
 
 
+def rate(learning_rate: float) -> str:
+    """A learning rate as a short label: ``2.5e-4``, ``8.0e-3``."""
+    return f"{learning_rate:.1e}".replace("e-0", "e-").replace("e+0", "e")
+
+
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning run of the grid: method, rank, target layers, learning rate, variant flags and budget.
@@ -85,12 +90,12 @@ class Run:
 
     @property
     def name(self) -> str:
-        """A readable, unique, file-name-safe label, e.g. ``DoRA r16 all-linear lr 8e-03``."""
+        """A readable, unique, file-name-safe label, e.g. ``DoRA r16 all-linear lr 8.0e-3 4ep``."""
         if self.method == "full":
             core = "full FT"
         else:
             core = f"{self.variant} r{self.rank} {TARGET_NAMES.get(self.targets, '+'.join(self.targets)).replace(' ', '-')}"
-        return f"{core} lr {self.learning_rate:.0e} {self.epochs:g}ep"
+        return f"{core} lr {rate(self.learning_rate)} {self.epochs:g}ep"
 
     def as_dict(self) -> dict[str, Any]:
         """The run's settings as JSON-ready values (targets as a list or ``all-linear``)."""
@@ -197,7 +202,9 @@ def load_cached(run: Run, cache_dir: Path, data: ExperimentData) -> dict[str, An
 
 
 def _data_key(data: ExperimentData) -> dict[str, Any]:
-    return {"model": data.model_path, "n_train": len(data.train_rows), "n_validation": len(data.validation),
+    model = Path(data.model_path)
+    shown = str(model.relative_to(config.PROJECT_ROOT)) if model.is_relative_to(config.PROJECT_ROOT) else data.model_path
+    return {"model": shown, "n_train": len(data.train_rows), "n_validation": len(data.validation),
             "n_test": len(data.test), "n_skills": len(data.skills)}
 
 
