@@ -120,7 +120,8 @@ def test_run_names_and_variants() -> None:
     assert Run(targets=ex.MLP).name == "LoRA r16 MLP lr 8.0e-3 4ep"
     assert Run(method="full", learning_rate=2.5e-4).name == "full FT lr 2.5e-4 4ep"
     names = [r.name for r in ex.sweep_grid() + ex.shape_grid(8e-3)]
-    assert len(set(ex.sweep_grid() + ex.shape_grid(8e-3))) == 18 + 7 - 2  # r16 and all-linear repeat stage 1
+    assert len(ex.shape_grid(8e-3)) == 6  # r16 on all linear layers is in both sweeps, once
+    assert len(set(ex.sweep_grid() + ex.shape_grid(8e-3))) == 18 + 5  # and it is stage 1's LoRA at 8e-3
     assert all("/" not in n for n in names)
     with pytest.raises(ValueError, match="lora"):
         Run(method="qlora")

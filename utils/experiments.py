@@ -300,7 +300,7 @@ def sweep_grid(epochs: float = 4.0) -> list[Run]:
 def shape_grid(lora_learning_rate: float, epochs: float = 4.0) -> list[Run]:
     """Stage 2: LoRA's rank sweep (all linear layers) and target sets (rank 16), at LoRA's best learning rate."""
     base = Run(learning_rate=lora_learning_rate, epochs=epochs)
-    return [replace(base, rank=r) for r in RANKS] + [replace(base, targets=t) for t in TARGETS]
+    return list(dict.fromkeys([replace(base, rank=r) for r in RANKS] + [replace(base, targets=t) for t in TARGETS]))
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> Any:
@@ -378,7 +378,7 @@ def _scatter(records: Sequence[dict[str, Any]], x_key: str, xlabel: str, title: 
     ax.set(xlabel=xlabel, ylabel="new task: exact match (test)", title=title, ylim=(-0.03, 1.03))
     if log_x:
         ax.set_xscale("log")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points fill every corner
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
