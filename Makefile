@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env run test notebooks data miniature clean help
+.PHONY: env run test notebooks data miniature experiments clean help
 
 help:
 	@echo "make run        execute chapters 00-07 in order; results under outputs/"
@@ -12,6 +12,7 @@ help:
 	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
 	@echo "make data       regenerate data/ from its generator script"
 	@echo "make miniature  maintainers: rebuild the shipped base in models/phi3-miniature/ (minutes, once)"
+	@echo "make experiments chapter 08's full grid of runs (tens of minutes; resumes from outputs/experiments/)"
 
 env: $(STAMP)
 
@@ -36,6 +37,9 @@ data: env
 
 miniature: env
 	$(PY) -m utils.miniature build
+
+experiments: env
+	PHI3_LAB_EXPERIMENTS=full $(PY) scripts/run_series.py --only 08
 
 clean:
 	rm -rf outputs
