@@ -112,6 +112,25 @@ def test_a_cached_run_is_reused_and_a_changed_one_is_not(data, base, tmp_path: P
     with pytest.raises(AssertionError, match="trained again"):
         ex.run_experiment(Run(rank=2, batch_size=4, seed=7), must_not_train, data, base, tmp_path)
 
+    # The same settings on a rebuilt base (same folder, other weights) must train again, not reuse the cache.
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "base-folder"
+    shutil.copytree(data.model_path, folder)
+    here = dataclasses.replace(data, model_path=str(folder))
+    cache = tmp_path / "cache"
+    ex.run_experiment(run, _make_trainer, here, base, cache)
+    assert ex.run_experiment(run, must_not_train, here, base, cache)["cached"]
+    tensors = load_file(str(folder / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AssertionError, match="trained again"):
+        ex.run_experiment(run, must_not_train, here, base, cache)
+
 
 def test_run_names_and_variants() -> None:
     assert Run().variant == "LoRA" and Run(method="full").variant == "full FT"

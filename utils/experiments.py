@@ -204,8 +204,11 @@ def load_cached(run: Run, cache_dir: Path, data: ExperimentData) -> dict[str, An
 def _data_key(data: ExperimentData) -> dict[str, Any]:
     model = Path(data.model_path)
     shown = str(model.relative_to(config.PROJECT_ROOT)) if model.is_relative_to(config.PROJECT_ROOT) else data.model_path
-    return {"model": shown, "n_train": len(data.train_rows), "n_validation": len(data.validation),
-            "n_test": len(data.test), "n_skills": len(data.skills)}
+    from utils.adapters import base_fingerprint
+
+    # The weights' fingerprint, not only the path: after a rebuild of the base, cached runs must not be reused.
+    return {"model": shown, "base_fingerprint": base_fingerprint(data.model_path), "n_train": len(data.train_rows),
+            "n_validation": len(data.validation), "n_test": len(data.test), "n_skills": len(data.skills)}
 
 
 TrainerFactory = Callable[[Run, Any, Any, list[dict], Path], Any]
