@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["use_cpu"] = True
     if world_size > 1 and not fsdp:
         overrides["ddp_find_unused_parameters"] = False
+    if args.method == "qlora" and hardware.device == "cuda":
+        overrides["optim"] = "paged_adamw_8bit"  # as chapter 04: optimizer state paged to CPU memory under pressure
     sft_args = make_sft_config(output_dir, training, progress=True, **overrides)
 
     quant, dtype = None, hardware.dtype
@@ -318,18 +320,24 @@ def main(argv: list[str] | None = None) -> int:
         if storage.is_floating_point:
             dtype = storage
     base = load_base(model, hardware, quant, dtype, fsdp, training=True)
+    callbacks = []
     if args.method == "qlora" and not fsdp:
-        # Under FSDP this step's fp32 upcast of norms and embeddings would break the one-dtype-per-shard rule.
+        # Chapter 04's recipe, step for step. Under FSDP the fp32 upcasts below would break the one-dtype-per-shard
+        # rule, so FSDP keeps TRL's defaults.
         from peft import prepare_model_for_kbit_training
 
+        from utils.quantization import keep_4bit_layers_trainable, qlora_precision
+
+        keep_4bit_layers_trainable(base)  # bitsandbytes' CPU inference repacking would cut the backward pass
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=training["gradient_checkpointing"])
+        callbacks.append(qlora_precision())  # fp32 adapter weights: TRL's bf16 ones round late updates away
     print(f"rank {rank}/{world_size} ready: {args.method} on {base.device}"
           f"{' (FSDP)' if fsdp else ' (DDP)' if world_size > 1 else ''}", flush=True)
 
     tokenizer = load_tokenizer(model)
     train_rows, eval_rows = load_chat_jsonl(args.data), load_chat_jsonl(args.eval_data)
     trainer, stats = train_sft(base, tokenizer, train_rows, eval_rows, sft_args, peft=peft_config(miniature),
-                               resume_from_checkpoint=str(resume) if resume else None)
+                               resume_from_checkpoint=str(resume) if resume else None, callbacks=callbacks)
     final = output_dir / FINAL
     if trainer.is_fsdp_enabled:
         # A sharded state dict is not an adapter file; gather the full (adapter-only) state dict to save it.

@@ -144,3 +144,55 @@ def test_hub_ids_are_not_mistaken_for_missing_folders(monkeypatch: pytest.Monkey
     assert not looks_local("microsoft/Phi-3-mini-4k-instruct")
     assert looks_local("./models/phi3") and looks_local("/abs/model") and looks_local("outputs/models/x")
     assert looks_local("data/model")
+
+
+def test_qlora_script_trains_exactly_as_chapter_04(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`finetune.py --method qlora` and chapter 04's cells (4-bit base kept trainable, prepare_model_for_kbit_training,
+    fp32 adapter) give the same losses step for step, and the saved adapter is fp32."""
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from utils.data import load_chat_jsonl
+    from utils.models import hardware_report
+    from utils.quantization import keep_4bit_layers_trainable, qlora_precision
+    from utils.training import peft_config, to_dataset, training_config
+
+    steps = 6
+    train = _slice(config.DATASET_TRAIN, tmp_path / "train.jsonl", 32)
+    test = _slice(config.DATASET_TEST, tmp_path / "test.jsonl", 4)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), "--method", "qlora", "--model", str(tiny_model_dir), "--data", str(train),
+           "--eval-data", str(test), "--output-dir", str(run), "--max-steps", str(steps), "--logging-steps", "1",
+           "--no-eval"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), cwd=config.PROJECT_ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((run / "trainer_state.json").read_text())
+    script_losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    with safe_open(str(run / "final" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+    # Chapter 04, as its cells write it (CPU: fp32 compute dtype).
+    hw = hardware_report()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=hw.dtype)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, dtype=hw.dtype,
+                                                 device_map="cpu")
+    model.config.use_cache = False
+    keep_4bit_layers_trainable(model)
+    settings = training_config(hw, miniature=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings["gradient_checkpointing"])
+    args = SFTConfig(**{**settings, "max_steps": steps, "logging_steps": 1}, output_dir=str(tmp_path / "ch04"),
+                     assistant_only_loss=True, report_to="none", use_cpu=True, disable_tqdm=True,
+                     dataloader_pin_memory=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(load_chat_jsonl(train)),
+                         eval_dataset=to_dataset(load_chat_jsonl(test)), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+                         peft_config=LoraConfig(**peft_config(miniature=True)), callbacks=[qlora_precision()])
+    trainer.train()
+    chapter_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(script_losses) == len(chapter_losses) == steps
+    assert torch.allclose(torch.tensor(script_losses), torch.tensor(chapter_losses), atol=1e-4), (script_losses,
+                                                                                                  chapter_losses)
