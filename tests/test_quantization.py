@@ -106,3 +106,19 @@ def test_merged_model_matches_the_adapter_model(tiny_model_dir: Path, qlora_adap
     reference = load_adapter(adapter, str(tiny_model_dir), quantized=dequantized)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert max_logit_diff(merged, reference, tokenizer, CONVERSATIONS) <= 1e-2
+
+
+def test_merges_are_saved_in_the_training_dtype(tiny_model_dir: Path, qlora_adapter: tuple[Path, object],
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a bf16 GPU a merge is saved in bf16 (7.6 GB for Phi-3 Mini), not fp32 (15 GB), unless asked otherwise."""
+    from dataclasses import replace
+
+    import utils.quantization as quantization
+
+    adapter, _ = qlora_adapter
+    bf16_machine = replace(quantization.hardware_report(), dtype=torch.bfloat16)
+    monkeypatch.setattr(quantization, "hardware_report", lambda: bf16_machine)
+    out = merge_adapter_into_full_precision(str(tiny_model_dir), adapter, tmp_path / "merged")
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    out = merge_adapter_into_full_precision(str(tiny_model_dir), adapter, tmp_path / "fp32", dtype=torch.float32)
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.float32
