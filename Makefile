@@ -30,7 +30,7 @@ test: env
 	$(PY) -m pytest
 
 notebooks: env
-	$(PY) scripts/run_series.py --in-place --solutions
+	PHI3_LAB_EXPERIMENTS=full $(PY) scripts/run_series.py --in-place --solutions
 
 data: env
 	$(PY) data/generate_house_format.py
