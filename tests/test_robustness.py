@@ -368,7 +368,7 @@ def test_read_only_outputs_is_one_settings_error(tmp_path: Path, monkeypatch: py
     assert str(target) in str(err.value) and "PHI3_LAB_OUTPUTS" in str(err.value)
 
 
-def test_ctrl_c_in_a_notebook_cell_prints_one_line(capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_and_a_wrong_setting_in_a_notebook_cell_print_one_line(capsys: pytest.CaptureFixture) -> None:
     from IPython.core.interactiveshell import InteractiveShell
 
     assert config.quiet_interrupts() is False
@@ -378,6 +378,10 @@ def test_ctrl_c_in_a_notebook_cell_prints_one_line(capsys: pytest.CaptureFixture
         shell.run_cell("raise KeyboardInterrupt")
         out = capsys.readouterr()
         assert out.out.strip() == config.INTERRUPT_MESSAGE
+        assert "Traceback" not in out.out + out.err
+        shell.run_cell("from utils.config import SettingsError\nraise SettingsError('PHI3_MODEL_ID=x: no such folder')")
+        out = capsys.readouterr()
+        assert out.out.strip() == "SettingsError: PHI3_MODEL_ID=x: no such folder"
         assert "Traceback" not in out.out + out.err
     finally:
         shell.set_custom_exc((), None)

@@ -218,7 +218,8 @@ INTERRUPT_MESSAGE = "Interrupted. Re-run this cell to start it again; checkpoint
 
 
 def quiet_interrupts(message: str = INTERRUPT_MESSAGE) -> bool:
-    """In IPython/Jupyter, make Ctrl-C (``KeyboardInterrupt``) print one line instead of chained tracebacks.
+    """In IPython/Jupyter, make Ctrl-C print one line instead of chained tracebacks, and a wrong setting
+    (:class:`SettingsError`, e.g. a bad ``PHI3_MODEL_ID`` or an adapter on the wrong base) its one plain message.
 
     Returns True when a handler was registered, False outside IPython (where it does nothing).
     """
@@ -231,9 +232,9 @@ def quiet_interrupts(message: str = INTERRUPT_MESSAGE) -> bool:
         return False
 
     def one_line(shell: object, etype: type, value: BaseException, tb: object, tb_offset: int | None = None) -> None:
-        print(message)
+        print(message if isinstance(value, KeyboardInterrupt) else f"{etype.__name__}: {value}")
 
-    shell.set_custom_exc((KeyboardInterrupt,), one_line)
+    shell.set_custom_exc((KeyboardInterrupt, SettingsError), one_line)
     return True
 
 
