@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides["use_cpu"] = True
     if world_size > 1 and not fsdp:
         overrides["ddp_find_unused_parameters"] = False
-    if args.method == "qlora" and hardware.device == "cuda":
-        overrides["optim"] = "paged_adamw_8bit"  # as chapter 04: optimizer state paged to CPU memory under pressure
+    if args.method == "qlora" and hardware.device == "cuda" and not fsdp:
+        # As chapter 04: optimizer state paged to CPU memory under pressure (not with FSDP: docs/SCALE_OUT.md).
+        overrides["optim"] = "paged_adamw_8bit"
     sft_args = make_sft_config(output_dir, training, progress=True, **overrides)
 
     quant, dtype = None, hardware.dtype
