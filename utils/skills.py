@@ -59,8 +59,8 @@ def _short_forms(rng: random.Random) -> Conversation:
 
 # The kinds of word the notes are tagged by: finding one of them in a list is the tagging skill in its simplest form.
 # With cities, pets and names here instead, one of four builds never learned to find rooms in a note; with these
-# kinds, eleven of twelve builds (two runs of bench/seed_sweep.py) learned every kind, and the build's reading check
-# (utils.miniature.read_every_kind) catches the twelfth.
+# kinds, eleven of twelve builds (two sweeps of pre-training seeds, docs/BUILD_NOTES.md) learned every kind, and the
+# build's reading check (utils.miniature.read_every_kind) catches the twelfth.
 CATEGORIES = {"color": COLORS, "thing": THINGS, "room": ROOMS, "day": DAYS}
 
 
