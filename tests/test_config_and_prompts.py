@@ -30,3 +30,11 @@ def test_prompt_is_everything_before_the_last_answer() -> None:
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     assert prompt_messages(chat) == chat[:3] and reference_answer(chat) == "d"
+
+
+def test_quiet_libraries_still_show_the_trainers_progress(tmp_path: Path) -> None:
+    """Silencing transformers' logging must not switch the trainer's progress display to a dict per logging step."""
+    from transformers import TrainingArguments
+
+    config.silence_library_noise()
+    assert TrainingArguments(output_dir=str(tmp_path)).disable_tqdm is False

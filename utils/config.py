@@ -94,6 +94,9 @@ def silence_library_noise() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # TrainingArguments turns the trainer's own progress display off when transformers logs above WARNING, and
+    # prints a dict per logging step instead; keep that one logger at WARNING so training shows its progress table.
+    logging.getLogger("transformers.training_args").setLevel(logging.WARNING)
 
 
 # Offline by default, no telemetry: the miniature needs no network at all, and no run reports usage anywhere
