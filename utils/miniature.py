@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import shutil
 
+    from utils.atomic import atomic_folder
+
     parser = argparse.ArgumentParser(prog="python -m utils.miniature", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="train tokenizer and model, pre-train, check, save with a build report")
@@ -265,16 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    # Build beside the target, then swap: an interrupted build never leaves a half-written base behind.
-    staging = target.parent / f".{target.name}.building"
-    shutil.rmtree(staging, ignore_errors=True)
-    report = build_miniature(staging, spec)
-    shutil.rmtree(staging.parent / f"{staging.name}-trainer", ignore_errors=True)
-    old = target.parent / f".{target.name}.old"
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    # Built beside the target, then swapped in: an interrupted build never leaves a half-written base behind.
+    with atomic_folder(target) as staging:
+        try:
+            report = build_miniature(staging, spec)
+        finally:
+            shutil.rmtree(staging.parent / f"{staging.name}-trainer", ignore_errors=True)
     print(f"built {target} in {report['build_seconds']:.0f} s: {report['parameters']:,} parameters")
     return 0
 
