@@ -18,7 +18,6 @@ import json
 import shlex
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,34 +46,24 @@ def sampled_well_formed(model, tokenizer, conversations: list, temperature: floa
 
 def one_seed(seed: int, model_path: str, workdir: Path, examples: int, heldout: int) -> dict:
     """Chapter 03's LoRA run with ``seed``; its held-out scores."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
     from utils.data import load_chat_jsonl
     from utils.evaluation import field_accuracy
     from utils.metrics import assistant_loss, evaluate_generation
-    from utils.models import hardware_report
-    from utils.training import peft_config, training_config
+    from utils.models import hardware_report, load_model, load_tokenizer
+    from utils.training import make_sft_config, peft_config, train_sft, training_config
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     train_rows = load_chat_jsonl(config.DATASET_TRAIN)[:examples or None]
     test_rows = load_chat_jsonl(config.DATASET_TEST)[:heldout or None]
     settings = {**training_config(hardware_report(), miniature=True), "eval_strategy": "no", "save_strategy": "no",
                 "seed": seed}
-    args = SFTConfig(output_dir=str(workdir / f"lora-{seed}"), report_to="none", assistant_only_loss=True,
-                     disable_tqdm=True, dataloader_pin_memory=False, **settings)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args,
-                         train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in train_rows]),
-                         processing_class=tokenizer, peft_config=LoraConfig(**peft_config(miniature=True)))
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    args = make_sft_config(workdir / f"lora-{seed}", settings, progress=False)
+    trainer, stats = train_sft(load_model(model_path, training=True), tokenizer, train_rows, test_rows, args,
+                               peft=peft_config(miniature=True))
     conversations = [r["messages"] for r in test_rows]
     scores, answers = evaluate_generation(trainer.model, tokenizer, conversations)
     fields = field_accuracy([a.text for a in answers], [c[-1]["content"] for c in conversations])
-    return {"seed": seed, "steps": trainer.state.global_step, "train_seconds": round(seconds, 1),
+    return {"seed": seed, "steps": stats["steps"], "train_seconds": stats["wall_seconds"],
             "exact_match": round(scores["exact_match"], 3), "stop_rate": round(scores["stop_rate"], 3),
             "heldout_loss": round(assistant_loss(trainer.model, tokenizer, conversations), 4),
             **{f"well_formed_sampled_t{t}": round(sampled_well_formed(trainer.model, tokenizer, conversations, t), 3)
