@@ -78,7 +78,7 @@ def failure_report(path: Path, err: CellExecutionError) -> str:
     lines = [f"\n{path.name} failed in this cell:", *("    " + l for l in cell.splitlines()[:40])]
     if frames:
         lines += ["in the project's code:", *("    " + f for f in frames[-8:])]
-    return "\n".join(lines + [last, f"(run the notebook in Jupyter to see the full traceback)"])
+    return "\n".join(lines + [last, "(run the notebook in Jupyter to see the full traceback)"])
 
 
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
