@@ -81,15 +81,33 @@ def failure_report(path: Path, err: CellExecutionError) -> str:
     return "\n".join(lines + [last, "(run the notebook in Jupyter to see the full traceback)"])
 
 
+# Run after a chapter's last cell, in its kernel, and removed before the notebook is saved: the kernel's peak memory.
+MEMORY_PROBE = """import json as _json, resource as _resource, sys as _sys
+_peak = {"process_mib": _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss / 1024}
+if "torch" in _sys.modules and _sys.modules["torch"].cuda.is_available():
+    _peak["cuda_allocated_mib"] = _sys.modules["torch"].cuda.max_memory_allocated() / 2**20
+    _peak["cuda_reserved_mib"] = _sys.modules["torch"].cuda.max_memory_reserved() / 2**20
+print("PEAK_MEMORY " + _json.dumps(_peak))"""
+
+
+def peak_memory(cell: nbformat.NotebookNode) -> dict:
+    """The memory probe's numbers (MiB) from its executed cell; empty if it printed none."""
+    text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+    line = next((l for l in text.splitlines() if l.startswith("PEAK_MEMORY ")), None)
+    return {k: round(v) for k, v in json.loads(line.removeprefix("PEAK_MEMORY ")).items()} if line else {}
+
+
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
-    """Run one notebook top to bottom; returns its timing report (raises on a failing cell)."""
+    """Run one notebook top to bottom; returns its timing and peak-memory report (raises on a failing cell)."""
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(MEMORY_PROBE))
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
     client = NotebookClient(nb, timeout=None, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(path.parent)}})
     started = time.perf_counter()
     client.execute()
     total = time.perf_counter() - started
+    memory = peak_memory(nb.cells.pop())
     cells = [(i, cell_seconds(c), "".join(c.source).splitlines()[0][:60] if c.source else "")
              for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     strip_volatile(nb)
@@ -98,7 +116,7 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     slowest = sorted(cells, key=lambda c: -c[1])[:3]
     return {"notebook": path.name, "seconds": round(total, 1), "cells_seconds": round(sum(c[1] for c in cells), 1),
             "slowest_cells": [{"cell": i, "seconds": round(s, 1), "starts": head} for i, s, head in slowest],
-            "written": str(target)}
+            "peak_memory_mib": memory, "written": str(target)}
 
 
 def main() -> int:
@@ -122,7 +140,9 @@ def main() -> int:
         except CellExecutionError as err:
             print(failure_report(path, err), file=sys.stderr)
             return 1
-        print(f"  done in {reports[-1]['seconds']:.1f} s -> {reports[-1]['written']}", flush=True)
+        peak = reports[-1]["peak_memory_mib"].get("process_mib", 0)
+        print(f"  done in {reports[-1]['seconds']:.1f} s, peak memory {peak:,} MiB -> {reports[-1]['written']}",
+              flush=True)
     total = time.perf_counter() - started
     summary = {"model": config.model_id(), "total_seconds": round(total, 1), "chapters": reports,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -181,3 +181,24 @@ def test_series_time_table(tmp_path: Path) -> None:
     path.write_text(json.dumps({"model": "miniature", "total_seconds": 100.0, "chapters": [chapter]}))
     assert main([str(path)]) == 0
     assert main([str(tmp_path / "missing.json")]) == 1
+
+
+def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> None:
+    """Two depths fix the line; 32 layers are read off it; the GPU estimate halves what lies above the baseline."""
+    import importlib.util
+
+    from utils import config
+
+    spec = importlib.util.spec_from_file_location("memory_by_depth", config.PROJECT_ROOT / "bench" / "memory_by_depth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peaks = {1: {"01_data_preparation": 500, "03_lora_finetuning": 1500},
+             2: {"01_data_preparation": 500, "03_lora_finetuning": 2000}}
+    rows = {r["chapter"]: r for r in bench.estimate(peaks)}
+    lora = rows["03_lora_finetuning"]
+    assert lora["per_layer_mib"] == 500 and lora["fixed_mib"] == 1000
+    assert lora["cpu_fp32_32_layers_gib"] == round((1000 + 32 * 500) / 1024, 1)
+    assert lora["gpu_16bit_gib"] == round(((1000 + 32 * 500 - 500) / 2 + bench.CUDA_OVERHEAD_MIB) / 1024, 1)
+    assert lora["smallest_gpu"] == "Colab T4" and bench.smallest_gpu(30) == "A100 40 GB"
+    assert bench.smallest_gpu(100) == "more than 80 GB"
+    assert "| 03_lora_finetuning |" in bench.markdown(list(rows.values()))

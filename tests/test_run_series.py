@@ -55,3 +55,14 @@ def test_the_series_runner_sets_no_cell_timeout(tmp_path: Path, monkeypatch: pyt
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1")]), path)
     runner.execute(path, in_place=False, out_dir=tmp_path)
     assert "timeout" in seen and seen["timeout"] is None
+
+
+def test_each_chapter_reports_its_kernels_peak_memory_and_the_probe_is_not_saved(tmp_path: Path) -> None:
+    runner = _runner()
+    path = tmp_path / "97_alloc.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = bytearray(300 * 2**20)")]), path)
+    (tmp_path / "out").mkdir()
+    report = runner.execute(path, in_place=False, out_dir=tmp_path / "out")
+    assert report["peak_memory_mib"]["process_mib"] >= 300  # the kernel held 300 MiB at once
+    saved = nbformat.read(tmp_path / "out" / "97_alloc.ipynb", as_version=4)
+    assert len(saved.cells) == 1 and "PEAK_MEMORY" not in str(saved)

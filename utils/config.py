@@ -3,6 +3,9 @@
 - ``PHI3_MODEL_ID``: ``miniature`` (default, offline) or a hub id / local path of a Phi-3 checkpoint,
   e.g. ``microsoft/Phi-3-mini-4k-instruct``.
 - ``PHI3_LAB_OUTPUTS``: where everything the notebooks produce goes (default ``<project>/outputs``).
+- ``PHI3_LAB_MAX_STEPS`` and ``PHI3_LAB_HELDOUT``: a short run, to check that a model and a machine get through
+  every chapter before spending hours on it: at most that many optimizer steps per training run, and only the first
+  that many held-out conversations evaluated. Unset (the default) for real results.
 
 The miniature itself is not an output: it is built once by ``make miniature`` and shipped in ``models/``, so every
 learner starts from the same base at once.
@@ -68,8 +71,39 @@ def adapter_dir(name: str) -> Path:
 
 
 def model_tag() -> str:
-    """A short, file-name-safe name for the configured model, used in plot titles and reports."""
-    return "miniature Phi-3" if is_miniature() else model_id()
+    """A short name for the configured model, used in plot titles and reports (says so when the run is short)."""
+    tag = "miniature Phi-3" if is_miniature() else model_id()
+    return f"{tag} (short run)" if is_short_run() else tag
+
+
+def _positive_int(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise SettingsError(f"{name}={value}: must be a whole number of at least 1, e.g. {name}=2, or unset")
+    return int(value)
+
+
+def max_steps() -> int | None:
+    """``PHI3_LAB_MAX_STEPS``: the most optimizer steps any training run of the series takes (None: no cap)."""
+    return _positive_int("PHI3_LAB_MAX_STEPS")
+
+
+def capped_steps(steps: int) -> int:
+    """``steps``, or fewer when ``PHI3_LAB_MAX_STEPS`` asks for a short run."""
+    cap = max_steps()
+    return min(steps, cap) if cap else steps
+
+
+def heldout_limit() -> int | None:
+    """``PHI3_LAB_HELDOUT``: how many held-out conversations the chapters evaluate on (None: all of them)."""
+    return _positive_int("PHI3_LAB_HELDOUT")
+
+
+def is_short_run() -> bool:
+    """True when ``PHI3_LAB_MAX_STEPS`` or ``PHI3_LAB_HELDOUT`` shortens the run (its numbers are no results)."""
+    return max_steps() is not None or heldout_limit() is not None
 
 
 def silence_library_noise() -> None:
@@ -212,9 +246,12 @@ def check_model_spec(spec: str, source: str = "PHI3_MODEL_ID") -> str:
 
 
 def check_settings() -> None:
-    """Check ``PHI3_MODEL_ID`` and ``PHI3_LAB_OUTPUTS``; one :class:`SettingsError` saying what to change."""
+    """Check ``PHI3_MODEL_ID``, ``PHI3_LAB_OUTPUTS`` and the short-run settings; one :class:`SettingsError` saying
+    what to change."""
     check_model_setting()
     check_outputs_dir()
+    max_steps()
+    heldout_limit()
 
 
 INTERRUPT_MESSAGE = "Interrupted. Re-run this cell to start it again; checkpoints under outputs/runs/ are kept."

@@ -213,12 +213,21 @@ def save_splits(train: list[dict], test: list[dict], folder: Path) -> Any:
 
 
 def load_splits(folder: Path) -> Any:
-    """The ``DatasetDict`` chapter 01 saved; stops with a clear message when chapter 01 has not run yet."""
+    """The ``DatasetDict`` chapter 01 saved; stops with a clear message when chapter 01 has not run yet.
+
+    In a short run (``PHI3_LAB_HELDOUT=N``) the test split is its first N conversations.
+    """
     from datasets import load_from_disk
+
+    from utils import config
 
     if not (Path(folder) / "dataset_dict.json").exists():
         raise FileNotFoundError(f"{folder} holds no dataset splits: run notebooks/01_data_preparation.ipynb first.")
-    return load_from_disk(str(folder))
+    splits = load_from_disk(str(folder))
+    limit = config.heldout_limit()
+    if limit is not None and limit < len(splits["test"]):
+        splits["test"] = splits["test"].select(range(limit))
+    return splits
 
 
 def summarize(rows: list[dict], tokenizer: Any | None = None) -> dict[str, Any]:

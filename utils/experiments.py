@@ -208,7 +208,8 @@ def _data_key(data: ExperimentData) -> dict[str, Any]:
 
     # The weights' fingerprint, not only the path: after a rebuild of the base, cached runs must not be reused.
     return {"model": shown, "base_fingerprint": base_fingerprint(data.model_path), "n_train": len(data.train_rows),
-            "n_validation": len(data.validation), "n_test": len(data.test), "n_skills": len(data.skills)}
+            "n_validation": len(data.validation), "n_test": len(data.test), "n_skills": len(data.skills),
+            **({"max_steps": config.max_steps()} if config.max_steps() else {})}  # a short run is cached apart
 
 
 TrainerFactory = Callable[[Run, Any, Any, list[dict], Path], Any]

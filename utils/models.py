@@ -110,10 +110,17 @@ def check_model(path: str) -> str:
 
 
 def load_tokenizer(path: str | None = None) -> Any:
-    """The configured model's tokenizer (Phi-3's chat template and special tokens)."""
+    """The configured model's tokenizer (Phi-3's chat template and special tokens).
+
+    A template that writes what Phi-3's writes but is spelled differently becomes TRL's copy, so that TRL can mask
+    it (``utils.prompts.ensure_trainable_template``); any other stops with a clear message.
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path or require_miniature_or_model())
+    from utils.prompts import ensure_trainable_template
+
+    path = path or require_miniature_or_model()
+    return ensure_trainable_template(AutoTokenizer.from_pretrained(path), name=path)
 
 
 def load_model(path: str | None = None, hardware: Hardware | None = None, training: bool = False,
@@ -135,6 +142,19 @@ def load_model(path: str | None = None, hardware: Hardware | None = None, traini
     if training:
         model.config.use_cache = False
     return model
+
+
+def release_memory() -> None:
+    """Return the memory of models no longer referenced (after ``del model``) to the system or the GPU's pool.
+
+    ``del`` only drops a name; Python frees a model once nothing refers to it (cycles need ``gc.collect()``), and
+    PyTorch keeps freed GPU memory cached for itself until ``torch.cuda.empty_cache()``.
+    """
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def require_output(path: Path, chapter: str) -> Path:

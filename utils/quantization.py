@@ -230,10 +230,23 @@ def logits_on(model: Any, tokenizer: Any, conversations: list[list[dict]], batch
 
 
 def max_logit_diff(model_a: Any, model_b: Any, tokenizer: Any, conversations: list[list[dict]]) -> float:
-    """Largest absolute difference between two models' logits over every real token of the conversations."""
-    a = logits_on(model_a, tokenizer, conversations)
-    b = logits_on(model_b, tokenizer, conversations)
-    return (a - b).abs().max().item()
+    """Largest absolute difference between two models' logits over every real token of the conversations.
+
+    Either model may be given as a loader (a function of no arguments returning it): it is loaded, measured and freed
+    before the other is loaded, so that comparing two large models never holds both in memory.
+    """
+    from utils.models import release_memory
+
+    def logits(model: Any) -> torch.Tensor:
+        if isinstance(model, torch.nn.Module):
+            return logits_on(model, tokenizer, conversations)
+        loaded = model()
+        values = logits_on(loaded, tokenizer, conversations)
+        del loaded
+        release_memory()
+        return values
+
+    return (logits(model_a) - logits(model_b)).abs().max().item()
 
 
 def load_adapter(adapter_dir: Path, base_path: str | None = None, quantized: bool = False,

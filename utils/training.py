@@ -90,6 +90,7 @@ SETTING_NOTES: dict[str, str] = {
     "bf16": "train in bfloat16 (from the hardware report: Ampere+ GPUs)",
     "fp16": "train in float16 with loss scaling (older GPUs)",
     "gradient_checkpointing": "recompute activations in the backward pass: ~30% slower, far less memory",
+    "max_steps": "stop after this many steps (here: PHI3_LAB_MAX_STEPS, a short run; its scores mean nothing)",
     "max_length": "tokens per example, longer ones truncated; None with padding_free (check lengths in 01)",
     "padding_free": "concatenate a batch into one row, no pad tokens: 2.5-3x real tokens/s here (bench/)",
     "seed": "makes data order and initialisation repeatable",
@@ -103,10 +104,16 @@ SETTING_NOTES: dict[str, str] = {
 
 
 def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
-    """The chapters' ``training_config``: SFTConfig settings chosen for the model size and the hardware."""
+    """The chapters' ``training_config``: SFTConfig settings chosen for the model size and the hardware.
+
+    A short run (``PHI3_LAB_MAX_STEPS=N``, see ``utils.config``) stops after N steps and logs, evaluates and
+    checkpoints every N // 2 steps (at least every step), so that its curves, checkpoints and resume demo exist.
+    """
     import torch
 
-    return {
+    from utils import config
+
+    settings = {
         "learning_rate": 8e-3 if miniature else 2e-4,
         "per_device_train_batch_size": 8 if miniature else 4,
         "gradient_accumulation_steps": 1 if miniature else 4,
@@ -127,6 +134,11 @@ def training_config(hardware: Any, miniature: bool) -> dict[str, Any]:
         "padding_free": True,
         "seed": 42,
     }
+    cap = config.max_steps()
+    if cap is not None:
+        every = max(1, cap // 2)
+        settings |= {"max_steps": cap, "logging_steps": 1, "eval_steps": every, "save_steps": every}
+    return settings
 
 
 def peft_config(miniature: bool) -> dict[str, Any]:

@@ -1,0 +1,104 @@
+"""Each chapter's peak memory on Phi-3 Mini, estimated from stand-ins of two depths, and the smallest GPU it fits.
+
+    .venv/bin/python bench/memory_by_depth.py            # runs the series on 1- and 2-layer stand-ins (~25 min)
+    .venv/bin/python bench/memory_by_depth.py --reuse    # only recompute from runs already under outputs/real-shape/
+
+Phi-3 Mini cannot be downloaded here, and no GPU is at hand, so this measures what can be measured: the series runs
+(``scripts/smoke_real_shape.py``: short run, real batch sizes) on stand-ins with Phi-3 Mini's exact width,
+vocabulary and tokenizer layout but 1 and 2 decoder layers, and each chapter's kernel reports its peak resident
+memory. Everything that grows with depth (weights, gradients, optimizer state, activations, KV cache) grows
+linearly in the number of layers, so per chapter
+
+    peak(L) = fixed + L * per_layer,   fitted on L = 1, 2,   extrapolated to L = 32.
+
+That is the chapter's peak on a CPU in fp32. On a GPU the chapters load the model in bf16 (fp16 on a T4): the
+estimate halves everything above the process's baseline (the Python, torch and library code, measured as the peak
+of chapter 01, which loads no model), and adds 1 GiB for the CUDA context and the allocator's slack. 4-bit weights
+do not halve, so chapter 04's estimate is low by about 0.9 GiB per 4-bit model it holds. A GPU run of
+``bench/gpu_shape.py`` and chapters 03-04 replaces these estimates by measurements where one is lent.
+Writes ``outputs/bench/memory_by_depth.json`` and prints a Markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import config  # noqa: E402
+
+DEPTHS = (1, 2)
+REAL_LAYERS = 32
+CUDA_OVERHEAD_MIB = 1024
+GPUS = [("Colab T4", 15), ("L4", 24), ("A100 40 GB", 40), ("A100 80 GB", 80)]  # usable GiB as sold
+HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX models on the CPU
+
+
+def chapter_peaks(layers: int, reuse: bool) -> dict[str, int]:
+    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in (run now unless ``reuse``)."""
+    report = config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json"
+    if not reuse:
+        subprocess.run([sys.executable, str(config.PROJECT_ROOT / "scripts" / "smoke_real_shape.py"),
+                        "--layers", str(layers)], check=True)
+    chapters = json.loads(report.read_text())["chapters"]
+    return {c["notebook"].removesuffix(".ipynb"): c["peak_memory_mib"]["process_mib"] for c in chapters}
+
+
+def smallest_gpu(gib: float) -> str:
+    """The first GPU in ``GPUS`` whose memory holds ``gib``."""
+    return next((name for name, size in GPUS if gib <= size), "more than 80 GB")
+
+
+def estimate(peaks: dict[int, dict[str, int]]) -> list[dict]:
+    """Per chapter: the fit, the 32-layer fp32 extrapolation and the 16-bit GPU estimate (MiB and GiB)."""
+    (l1, p1), (l2, p2) = sorted(peaks.items())
+    baseline = min(p1["01_data_preparation"], p2["01_data_preparation"])
+    rows = []
+    for chapter in p2:
+        per_layer = (p2[chapter] - p1[chapter]) / (l2 - l1)
+        fixed = p1[chapter] - l1 * per_layer
+        cpu = fixed + REAL_LAYERS * per_layer
+        gpu = max(cpu - baseline, 0) / 2 + CUDA_OVERHEAD_MIB
+        rows.append({"chapter": chapter, **{f"measured_{l}_layers_mib": p[chapter] for l, p in peaks.items()},
+                     "per_layer_mib": round(per_layer), "fixed_mib": round(fixed),
+                     "cpu_fp32_32_layers_gib": round(cpu / 1024, 1), "gpu_16bit_gib": round(gpu / 1024, 1),
+                     "smallest_gpu": smallest_gpu(gpu / 1024)})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The README's table."""
+    lines = ["| chapter | measured peak, 1 / 2 layers (CPU, fp32) | per layer | Phi-3 Mini, CPU fp32 | "
+             "Phi-3 Mini, GPU 16-bit (est.) | smallest GPU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        gpu, smallest = f"{r['gpu_16bit_gib']} GiB", r["smallest_gpu"]
+        if r["chapter"] in HOST_RAM_CHAPTERS:  # ONNX Runtime and its builder run on the CPU: the peak is host RAM
+            gpu, smallest = "– (CPU)", f"any, with {r['cpu_fp32_32_layers_gib']:.0f} GiB of RAM"
+        lines.append(f"| {r['chapter']} | {r['measured_1_layers_mib'] / 1024:.1f} / "
+                     f"{r['measured_2_layers_mib'] / 1024:.1f} GiB | {r['per_layer_mib']} MiB | "
+                     f"{r['cpu_fp32_32_layers_gib']} GiB | {gpu} | {smallest} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reuse", action="store_true", help="use the runs already under outputs/real-shape/")
+    args = parser.parse_args()
+    peaks = {layers: chapter_peaks(layers, args.reuse) for layers in DEPTHS}
+    rows = estimate(peaks)
+    out = config.outputs_dir() / "bench" / "memory_by_depth.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python bench/memory_by_depth.py", "depths": DEPTHS,
+                               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "cuda_overhead_mib": CUDA_OVERHEAD_MIB, "chapters": rows}, indent=2) + "\n")
+    print(markdown(rows))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

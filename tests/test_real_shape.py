@@ -1,0 +1,105 @@
+"""The real-model path, executed: every chapter with ``PHI3_MODEL_ID`` on a Phi-3-Mini-shaped stand-in (short run).
+
+The stand-in has Phi-3-mini-4k-instruct's width, heads, vocabulary, rope, context, special-token ids and strip
+settings and chat template, with 2 random layers (``utils/standin.py``); ``scripts/smoke_real_shape.py`` runs the
+chapters on it with two training steps and eight held-out conversations. About 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+LAYERS = 2
+CHAPTERS = ["00_setup", "01_data_preparation", "02_lora_from_scratch", "03_lora_finetuning", "04_qlora_finetuning",
+            "05_inference", "06_evaluation", "07_deployment", "08_learning_and_forgetting"]
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """Run the whole series once on the stand-in; returns (run_times.json, the run's output folder)."""
+    import os
+    import subprocess
+    import sys
+
+    from utils import config
+
+    outputs = tmp_path_factory.mktemp("real-shape-outputs")
+    script = config.PROJECT_ROOT / "scripts" / "smoke_real_shape.py"
+    done = subprocess.run([sys.executable, str(script), "--layers", str(LAYERS)],
+                          env={**os.environ, "PHI3_LAB_OUTPUTS": str(outputs)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    folder = outputs / "real-shape" / f"{LAYERS}-layers"
+    return json.loads((folder / "run_times.json").read_text()), folder
+
+
+def test_every_chapter_runs_on_the_real_shape(series: tuple[dict, Path]) -> None:
+    report, _ = series
+    assert [c["notebook"].removesuffix(".ipynb") for c in report["chapters"]] == CHAPTERS
+    assert report["model"].endswith(f"phi3-mini-shape-{LAYERS}-layers")
+
+
+def test_the_standin_has_phi3_minis_shape(series: tuple[dict, Path]) -> None:
+    report, _ = series
+    settings = json.loads((Path(report["model"]) / "config.json").read_text())
+    assert (settings["hidden_size"], settings["intermediate_size"], settings["num_attention_heads"],
+            settings["vocab_size"], settings["max_position_embeddings"]) == (3072, 8192, 32, 32064, 4096)
+    assert settings["num_hidden_layers"] == LAYERS
+
+
+def test_short_run_products_are_complete_and_merges_keep_the_training_dtype(series: tuple[dict, Path]) -> None:
+    """Adapters and merges exist, the merges are saved in the dtype the chapters trained in (fp32 on a CPU, not
+    upcast), and no temporary merge is left behind."""
+    from utils.models import hardware_report
+
+    _, outputs = series
+    for name in ("loralib", "lora", "qlora", "lora_merged", "qlora_merged"):
+        assert any((outputs / "adapters" / name).iterdir()), name
+    training_dtype = str(hardware_report().dtype).replace("torch.", "")
+    for name in ("lora_merged", "qlora_merged"):
+        assert json.loads((outputs / "adapters" / name / "config.json").read_text())["dtype"] == training_dtype
+    stats = json.loads((outputs / "adapters" / "lora" / "run_stats.json").read_text())
+    assert stats["steps"] == 2
+    assert not (outputs / "tmp").exists()
+    assert json.loads((outputs / "eval" / "results.json").read_text())["n_test"] == 8
+
+
+def test_every_chapter_reports_its_peak_memory(series: tuple[dict, Path]) -> None:
+    report, _ = series
+    for chapter in report["chapters"]:
+        assert chapter["peak_memory_mib"]["process_mib"] > 0, chapter["notebook"]
+
+
+def test_the_onnx_export_of_the_real_shape_tokenizes_and_computes_like_transformers(series: tuple[dict, Path]) -> None:
+    """Chapter 07's parity rests on two things at Phi-3 Mini's shape: ONNX Runtime GenAI's tokenizer reads the
+    prompt into the same ids as transformers (a SentencePiece-style vocabulary with Phi-3's rstrip tokens), and the
+    fp32 export computes the same logits."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils import config
+    from utils.data import load_chat_jsonl
+
+    _, outputs = series
+    merged = outputs / "adapters" / "lora_merged"
+    hf_tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = og.Model(str(outputs / "deploy" / "lora_fp32"))
+    ort_tokenizer = og.Tokenizer(model)
+    prompts = [row["messages"][:-1] for row in load_chat_jsonl(config.DATASET_TEST)][:40]
+    for messages in prompts:
+        text = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert text == ort_tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        assert [int(i) for i in ort_tokenizer.encode(text)] == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 4)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    ort_logits = np.array(generator.get_output("logits"))[0, -1]
+    with torch.no_grad():
+        hf_logits = AutoModelForCausalLM.from_pretrained(merged)(torch.tensor([ids])).logits[0, -1].numpy()
+    assert np.abs(ort_logits - hf_logits).max() < 1e-3
