@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory_by_depth.py            # runs the series on 1- and 2-layer stand-ins (~25 min)
     .venv/bin/python bench/memory_by_depth.py --reuse    # only recompute from runs already under outputs/real-shape/
+    .venv/bin/python bench/memory_by_depth.py --only 03  # re-measure chapter 03 at both depths, keep the others
 
 Phi-3 Mini cannot be downloaded here, and no GPU is at hand, so this measures what can be measured: the series runs
 (``scripts/smoke_real_shape.py``: short run, real batch sizes) on stand-ins with Phi-3 Mini's exact width,
@@ -38,13 +39,19 @@ GPUS = [("Colab T4", 15), ("L4", 24), ("A100 40 GB", 40), ("A100 80 GB", 80)]  #
 HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX models on the CPU
 
 
-def chapter_peaks(layers: int, reuse: bool) -> dict[str, int]:
-    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in (run now unless ``reuse``)."""
+def chapter_peaks(layers: int, reuse: bool, only: list[str]) -> dict[str, int]:
+    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in: run now unless ``reuse``; with
+    ``only``, those chapters are run again and replace their entries in the earlier run's report."""
     report = config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json"
+    earlier = json.loads(report.read_text()) if only else None
     if not reuse:
         subprocess.run([sys.executable, str(config.PROJECT_ROOT / "scripts" / "smoke_real_shape.py"),
-                        "--layers", str(layers)], check=True)
+                        "--layers", str(layers), *(["--only", *only] if only else [])], check=True)
     chapters = json.loads(report.read_text())["chapters"]
+    if earlier is not None:
+        again = {c["notebook"]: c for c in chapters}
+        chapters = [again.get(c["notebook"], c) for c in earlier["chapters"]]
+        report.write_text(json.dumps({**earlier, "chapters": chapters}, indent=2))
     return {c["notebook"].removesuffix(".ipynb"): c["peak_memory_mib"]["process_mib"] for c in chapters}
 
 
@@ -87,8 +94,10 @@ def markdown(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reuse", action="store_true", help="use the runs already under outputs/real-shape/")
+    parser.add_argument("--only", nargs="*", default=[],
+                        help="re-measure these chapters (e.g. 03 after changing it), keep the others' earlier runs")
     args = parser.parse_args()
-    peaks = {layers: chapter_peaks(layers, args.reuse) for layers in DEPTHS}
+    peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
     rows = estimate(peaks)
     out = config.outputs_dir() / "bench" / "memory_by_depth.json"
     out.parent.mkdir(parents=True, exist_ok=True)

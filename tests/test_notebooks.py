@@ -47,3 +47,28 @@ def test_bootstrap_is_the_first_code_cell(path: Path) -> None:
     assert first is not None and first.source == bootstrap_cell.CELL, (
         f"notebooks/{path.name}: the first code cell is not the Colab bootstrap; "
         "run `python scripts/bootstrap_cell.py --write`")
+
+
+def readme_memory_table() -> dict[str, list[str]]:
+    """The README's memory table: chapter -> its cells (measured, per layer, CPU fp32, GPU 16-bit, smallest GPU)."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and re.fullmatch(r"\d\d_\w+", cells[0]):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_each_header_states_the_memory_the_readme_table_gives(path: Path) -> None:
+    """A learner reads the chapter's header, not the README: both must say the same about Phi-3 Mini's memory."""
+    table = readme_memory_table()
+    assert path.stem in table, f"README.md's memory table has no row for {path.stem} (make memory-table)"
+    _, _, cpu, gpu, smallest = table[path.stem]
+    header = nbformat.read(path, as_version=4).cells[0].source
+    line = next((l for l in header.splitlines() if l.startswith("**Phi-3 Mini:**")), "")
+    if gpu.startswith("–"):  # runs on the CPU
+        assert f"about {float(cpu.split()[0]):.0f} GiB of RAM" in line, (path.name, line)
+    else:
+        assert f"about {float(gpu.split()[0]):.0f} GiB of GPU memory" in line and f"{smallest} or larger" in line, (
+            path.name, line)
