@@ -45,13 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from utils import config  # noqa: E402
+from utils.standin import PHI3_MINI_CONFIG  # noqa: E402
 
-PHI3_MINI = {  # microsoft/Phi-3-mini-4k-instruct config.json
-    "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
-    "original_max_position_embeddings": 4096, "sliding_window": 2047, "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000,
-}
+PHI3_MINI = PHI3_MINI_CONFIG  # microsoft/Phi-3-mini-4k-instruct config.json, as the stand-in uses it
 PHI3_MINI_PARAMETERS = 3_821_079_552
 TINY = {**PHI3_MINI, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
