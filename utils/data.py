@@ -282,7 +282,8 @@ def _load_tokenizer(spec: str | None) -> tuple[Any | None, int | None, str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.data", description="Check chat JSONL files.")
+    parser = argparse.ArgumentParser(prog="python -m utils.data", description="Check chat JSONL files, or convert "
+                                     "other formats to them.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate files and print a summary")
     check.add_argument("paths", nargs="+", help="chat JSONL files")
@@ -290,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                                            "(default: the configured model's; else word counts)")
     check.add_argument("--max-tokens", type=int, help="longest conversation allowed (default: the model's "
                                                       "max_position_embeddings)")
+    from utils import convert
+
+    convert.add_arguments(sub.add_parser("convert", help="convert alpaca, sharegpt, openai or csv data to chat JSONL"))
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return convert.run_cli(args)
     tokenizer, context, why = _load_tokenizer(args.tokenizer)
     max_tokens = args.max_tokens or context
     problems = [p for path in args.paths for p in check_chat_jsonl(path, tokenizer, max_tokens)]
