@@ -225,3 +225,16 @@ def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> N
     assert lora["smallest_gpu"] == "Colab T4" and bench.smallest_gpu(30) == "A100 40 GB"
     assert bench.smallest_gpu(100) == "more than 80 GB"
     assert "| 03_lora_finetuning |" in bench.markdown(list(rows.values()))
+
+
+def test_export_memory_fits_a_line_through_two_depths() -> None:
+    """bench/export_memory.py: chapter 07's int4 export peak on Phi-3 Mini, read off the line through 1 and 2 layers."""
+    import importlib.util
+
+    from utils import config
+
+    spec = importlib.util.spec_from_file_location("export_memory", config.PROJECT_ROOT / "bench" / "export_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fit = bench.extrapolate({2: 3700, 1: 3000})
+    assert fit == {"per_layer_mib": 700, "fixed_mib": 2300, "phi3_mini_gib": round((2300 + 32 * 700) / 1024, 1)}
