@@ -84,9 +84,10 @@ if "google.colab" in sys.modules and os.environ.setdefault("PHI3_LAB_SETUP_PID",
     if pip.returncode:
         raise LabSetupError(f"pip could not install the project's libraries ({{_last_line(pip.stderr)}}); "
                             "check that this runtime reaches the internet, then run this cell again.")
-    after, owners = _versions(), _md.packages_distributions()
-    stale = sorted({{re.sub(r"[-_.]+", "-", d).lower() for m in list(sys.modules) if "." not in m
-                    for d in owners.get(m, [])}} & {{n for n, v in before.items() if after.get(n, v) != v}})
+    after = _versions()
+    loaded = {{os.path.realpath(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}}
+    stale = [n for n, v in sorted(before.items()) if after.get(n, v) != v  # changed, with a file this kernel loaded
+             and any(os.path.realpath(f.locate()) in loaded for f in _md.distribution(n).files or [])]
     if stale:
         print(f"Updated {{', '.join(stale)}}, which this runtime had already loaded: restarting the runtime now. "
               "When it is back, run this cell again (it skips what is done).", flush=True)

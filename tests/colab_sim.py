@@ -1,7 +1,7 @@
 """Run one notebook's Colab bootstrap cell under a simulated Colab, then its first ``utils`` import; print a JSON report.
 
     python tests/colab_sim.py NOTEBOOK [--drive mount|refuse] [--pip record|fail|run] [--no-repo]
-                                       [--preload numpy,pandas] [--fake-upgrade] [--ipython] [--chapter-imports]
+                                       [--preload numpy,pandas] [--fake-upgrade loaded|unloaded] [--ipython] [--chapter-imports]
 
 Used by ``tests/test_colab_bootstrap.py`` and ``tests/test_colab_install.py`` in a fresh process (the cell changes
 ``sys.path``, the working folder and the environment). ``PHI3_LAB_REPO`` (a local bare repository) and
@@ -37,17 +37,18 @@ def code_cells(notebook: str) -> list[str]:
     return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
 
 
-def fake_distribution() -> Path:
-    """A distribution ``labfakepkg`` 1.0 on ``sys.path``, imported; returns its METADATA file."""
+def fake_distribution(load: bool) -> Path:
+    """A distribution ``labfakepkg`` 1.0 on ``sys.path``, imported if ``load``; returns its METADATA file."""
     site = Path(tempfile.mkdtemp(prefix="labfake-"))
     (site / "labfakepkg").mkdir()
     (site / "labfakepkg" / "__init__.py").write_text("")
     info = site / "labfakepkg-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: labfakepkg\nVersion: 1.0\n")
-    (info / "top_level.txt").write_text("labfakepkg\n")
+    (info / "RECORD").write_text("labfakepkg/__init__.py,,\nlabfakepkg-1.0.dist-info/METADATA,,\n")
     sys.path.insert(0, str(site))
-    import labfakepkg  # noqa: F401
+    if load:
+        import labfakepkg  # noqa: F401
 
     return info / "METADATA"
 
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--pip", choices=["record", "fail", "run"], default="record")
     parser.add_argument("--no-repo", action="store_true", help="blank the cell's LAB_REPO setting")
     parser.add_argument("--preload", default="", help="modules a running Colab kernel has imported already")
-    parser.add_argument("--fake-upgrade", action="store_true")
+    parser.add_argument("--fake-upgrade", choices=["loaded", "unloaded"])
     parser.add_argument("--ipython", action="store_true")
     parser.add_argument("--chapter-imports", action="store_true",
                         help="after the cell, run the notebook's first utils imports (else only utils.config)")
@@ -79,7 +80,7 @@ def main() -> None:
     sys.modules.update({"google": google, "google.colab": colab, "google.colab.drive": colab.drive})
     for name in filter(None, args.preload.split(",")):
         __import__(name)
-    metadata = fake_distribution() if args.fake_upgrade else None
+    metadata = fake_distribution(args.fake_upgrade == "loaded") if args.fake_upgrade else None
 
     commands: list[list[str]] = []
     kills: list[int] = []

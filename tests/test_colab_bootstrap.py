@@ -144,13 +144,18 @@ def test_chains_name_every_chapter_whose_outputs_are_needed() -> None:
 
 
 def test_an_install_that_changes_a_loaded_library_restarts_the_runtime(bare_repo: Path, tmp_path: Path) -> None:
-    report = simulate(NOTEBOOKS[4], bare_repo, tmp_path, "--fake-upgrade")
+    report = simulate(NOTEBOOKS[4], bare_repo, tmp_path, "--fake-upgrade", "loaded")
     assert report["killed"] and report["kills"] == [9], report
     assert "labfakepkg" in report["printed"] and "run this cell again" in report["printed"]
     assert report["mounts"] == [], "nothing runs after the restart"
     again = simulate(NOTEBOOKS[4], bare_repo, tmp_path)  # after the restart: the clone is there, nothing changes
     assert again["bootstrap_ok"] and again["import_ok"] and again["kills"] == [], again["error"]
     assert [c[:2] for c in again["commands"]] == [[sys.executable, "-m"]], "the second run does not clone again"
+
+
+def test_an_install_that_changes_only_unloaded_libraries_needs_no_restart(bare_repo: Path, tmp_path: Path) -> None:
+    report = simulate(NOTEBOOKS[4], bare_repo, tmp_path, "--fake-upgrade", "unloaded")
+    assert report["bootstrap_ok"] and report["kills"] == [] and "restarting" not in report["printed"], report
 
 
 def test_a_chapters_own_imports_work_from_the_clone(bare_repo: Path, tmp_path: Path) -> None:
