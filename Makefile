@@ -4,11 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env run test notebooks data miniature experiments real-shape memory-table clean help
+.PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table clean help
 
 help:
 	@echo "make run        execute chapters 00-09 in order; results under outputs/"
-	@echo "make test       unit tests + every notebook through nbval (what CI runs)"
+	@echo "make test       unit tests + every chapter and solution through nbval (what a newcomer runs; <10 min)"
+	@echo "make test-real-shape  every chapter on the Phi-3-Mini-shaped stand-in (~25 min; CI runs it after make test)"
+	@echo "make test-colab the Colab bootstrap's real install into Colab's preinstalled versions (minutes; needs PyPI)"
 	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
 	@echo "make data       regenerate data/ from its generator script"
 	@echo "make miniature  maintainers: rebuild the shipped base in models/phi3-miniature/ (minutes, once)"
@@ -18,7 +20,7 @@ help:
 
 env: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-deploy.txt requirements-workshop.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -30,6 +32,12 @@ run: env
 
 test: env
 	$(PY) -m pytest
+
+test-real-shape: env
+	$(PY) -m pytest -m real_shape tests/test_real_shape.py
+
+test-colab: env
+	$(PY) -m pytest -m colab_install tests/test_colab_install.py
 
 notebooks: env
 	PHI3_LAB_EXPERIMENTS=full $(PY) scripts/run_series.py --in-place --solutions

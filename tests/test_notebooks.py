@@ -41,11 +41,11 @@ def test_word_count_counts_what_it_should(tmp_path: Path) -> None:
     assert markdown_words(tmp_path / "x.ipynb") == 6
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", bootstrap_cell.notebooks(), ids=lambda p: p.name)
 def test_bootstrap_is_the_first_code_cell(path: Path) -> None:
     first = bootstrap_cell.first_code_cell(nbformat.read(path, as_version=4))
-    assert first is not None and first.source == bootstrap_cell.CELL, (
-        f"notebooks/{path.name}: the first code cell is not the Colab bootstrap; "
+    assert first is not None and first.source == bootstrap_cell.cell_for(path), (
+        f"{path.relative_to(ROOT)}: the first code cell is not the Colab bootstrap; "
         "run `python scripts/bootstrap_cell.py --write`")
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.real_shape  # not in `make test`: `make test-real-shape`, which .ci/run calls after it
+
 LAYERS = 2
 CHAPTERS = ["00_setup", "01_data_preparation", "02_lora_from_scratch", "03_lora_finetuning", "04_qlora_finetuning",
             "05_inference", "06_evaluation", "07_deployment", "08_learning_and_forgetting", "09_your_own_task"]
