@@ -61,7 +61,7 @@ $(SITE_STAMP): requirements-site.txt $(STAMP)
 site: $(SITE_STAMP)
 	$(PY) scripts/build_site.py
 
-test-site: site
+test-site: $(SITE_STAMP)
 	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -q
 
 catch-up-results: env

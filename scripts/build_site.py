@@ -42,8 +42,10 @@ def chapters() -> list[Path]:
 
 
 def teaching_pages() -> list[Path]:
-    """The teaching guide's pages: the schedule first, then the others in name order."""
-    return sorted(TEACHING.glob("*.md"), key=lambda page: (page.name != "schedule.md", page.name))
+    """The teaching guide's pages: the schedule, the instructor notes, catching up, then any others by name."""
+    order = ["schedule.md", "instructor-notes.md", "catch-up.md"]
+    return sorted(TEACHING.glob("*.md"), key=lambda page: (order.index(page.name) if page.name in order
+                                                           else len(order), page.name))
 
 
 def table_of_contents() -> list[dict]:
