@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             print(log.read_text()[-3000:], file=sys.stderr)
             print(f"build_site: jupyter-book failed (exit {result.returncode}); full log in {log}", file=sys.stderr)
             return 1
+        report = src / "_build" / "render-report.txt"
+        if report.exists():
+            print(report.read_text(), end="")
         final = out / "html"
         previous = out / "html.previous"
         shutil.rmtree(previous, ignore_errors=True)

@@ -3,7 +3,8 @@
 jupyter-book 2 parses the stored notebooks and markdown (it never executes them here), serves the result as JSON
 at CONTENT_CDN, and runs this script with BUILD_DIRECTORY set. The script writes one static HTML page per
 document, with a sidebar in the table of contents' order, each chapter's solutions one click away, and every
-image and downloadable notebook copied under build/. Standard library only, so it runs offline anywhere.
+image and downloadable notebook copied under build/. Standard library only, so it runs offline anywhere; with
+latex2mathml installed (requirements-site.txt) formulas become MathML.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def fetch(path: str) -> bytes:
 
 def esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
+
+
+def math(tex: str, block: bool) -> str:
+    """TeX as MathML, which browsers render natively (no script, nothing to download); as code without latex2mathml."""
+    try:
+        from latex2mathml.converter import convert
+
+        rendered = convert(tex, display="block" if block else "inline")
+    except Exception:  # noqa: BLE001 - not installed, or TeX it does not know: show the source
+        return f'<pre class="math">{esc(tex)}</pre>' if block else f'<code class="math">{esc(tex)}</code>'
+    return f'<div class="math">{rendered}</div>' if block else rendered
 
 
 class Site:
@@ -209,10 +221,8 @@ class Renderer:
             return f"<figure>{inner(node)}</figure>"
         if kind in ("caption", "legend"):
             return f"<figcaption>{inner(node)}</figcaption>"
-        if kind == "math":
-            return f'<pre class="math">{esc(node.get("value", ""))}</pre>'
-        if kind == "inlineMath":
-            return f'<code class="math">{esc(node.get("value", ""))}</code>'
+        if kind in ("math", "inlineMath"):
+            return math(node.get("value", ""), block=kind == "math")
         if kind == "html":
             return node.get("value", "")
         if kind == "outputs":
@@ -286,9 +296,11 @@ def main() -> int:
     (OUT / ASSETS / "site.css").write_bytes((Path(__file__).parent / "site.css").read_bytes())
     for position, entry in enumerate(site.entries):
         (OUT / site.href(entry["slug"])).write_text(page(site, position), encoding="utf-8")
+    report = f"render.py: wrote {len(site.entries)} pages and {len(site.copied)} files\n"
     if UNKNOWN:
-        print(f"render.py: rendered unknown node types by their children: {', '.join(sorted(UNKNOWN))}", file=sys.stderr)
-    print(f"render.py: wrote {len(site.entries)} pages and {len(site.copied)} files to {OUT.name}/")
+        report += f"render.py: node types rendered by their children only: {', '.join(sorted(UNKNOWN))}\n"
+    (OUT.parent / "render-report.txt").write_text(report)  # mystmd does not show a render command's output
+    print(report, end="")
     return 0
 
 
