@@ -123,7 +123,7 @@ class Renderer:
             src = self.site.asset(url)
         alt = esc(node.get("alt", ""))
         width = f' style="width:{esc(node["width"])}"' if node.get("width") else ""
-        return f'<img src="{esc(src)}" alt="{alt}"{width} loading="lazy">'
+        return f'<img src="{esc(src)}" alt="{alt}"{width}>'
 
     def output(self, node: dict[str, Any]) -> str:
         data = node.get("jupyter_data") or {}
