@@ -17,7 +17,7 @@ help:
 	@echo "make memory-table maintainers: each chapter's peak memory on Phi-3 Mini, from two stand-in depths (~30 min)"
 	@echo "make site       the workshop website from the stored notebooks (no re-execution): outputs/site/html/"
 	@echo "make test-site  build the site and open every page in headless Chromium (tests/test_site.py)"
-	@echo "make catch-up-results maintainers: refresh models/catch-up/ from a fresh miniature run of chapters 01-06"
+	@echo "make catch-up-results maintainers: refresh models/catch-up/ from a fresh miniature run of chapters 01-04"
 
 env: $(STAMP)
 
@@ -65,7 +65,7 @@ test-site: $(SITE_STAMP)
 	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -q
 
 catch-up-results: env
-	$(PY) scripts/run_series.py --only 01 02 03 04 06
+	$(PY) scripts/run_series.py --only 01 02 03 04
 	$(PY) -m utils.catch_up store
 
 clean:
