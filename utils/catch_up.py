@@ -165,6 +165,10 @@ def store(outputs: Path | None = None, destination: Path | None = None) -> list[
                     record = json.loads(record_file.read_text())
                     record["base_model"] = "models/phi3-miniature"
                     record_file.write_text(json.dumps(record, indent=2) + "\n")
+                for text_file in (target / "adapter_config.json", target / "README.md"):
+                    if text_file.is_file():
+                        text = text_file.read_text().replace(str(config.miniature_dir()), "models/phi3-miniature")
+                        text_file.write_text(text)
             else:
                 shutil.copy2(source, target)
         manifest = {"base_fingerprint": fingerprint,
