@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table clean help
+.PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table site test-site catch-up-results clean help
 
 help:
 	@echo "make run        execute chapters 00-09 in order; results under outputs/"
@@ -17,6 +17,9 @@ help:
 	@echo "make experiments chapter 08's full grid of runs (tens of minutes; resumes from outputs/experiments/)"
 	@echo "make real-shape every chapter, short, on a Phi-3-Mini-shaped stand-in with PHI3_MODEL_ID (~15 min)"
 	@echo "make memory-table maintainers: each chapter's peak memory on Phi-3 Mini, from two stand-in depths (~30 min)"
+	@echo "make site       the workshop website from the stored notebooks (no re-execution): outputs/site/html/"
+	@echo "make test-site  build the site and open every page in headless Chromium (tests/test_site.py)"
+	@echo "make catch-up-results maintainers: refresh models/catch-up/ from a fresh miniature run of chapters 01-04"
 
 env: $(STAMP)
 
@@ -56,6 +59,22 @@ real-shape: env
 
 memory-table: env
 	$(PY) bench/memory_by_depth.py
+
+SITE_STAMP := $(VENV)/.site-installed
+
+$(SITE_STAMP): requirements-site.txt $(STAMP)
+	$(PY) -m pip install --quiet -r requirements-site.txt
+	touch $(SITE_STAMP)
+
+site: $(SITE_STAMP)
+	$(PY) scripts/build_site.py
+
+test-site: $(SITE_STAMP)
+	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -q
+
+catch-up-results: env
+	$(PY) scripts/run_series.py --only 01 02 03 04
+	$(PY) -m utils.catch_up store
 
 clean:
 	rm -rf outputs

@@ -221,8 +221,11 @@ def load_splits(folder: Path) -> Any:
 
     from utils import config
 
-    if not (Path(folder) / "dataset_dict.json").exists():
-        raise FileNotFoundError(f"{folder} holds no dataset splits: run notebooks/01_data_preparation.ipynb first.")
+    from utils import catch_up
+
+    if not (Path(folder) / "dataset_dict.json").exists() and not catch_up.restore(folder, "01_data_preparation.ipynb"):
+        raise FileNotFoundError(f"{folder} holds no dataset splits: run notebooks/01_data_preparation.ipynb first "
+                                f"(or set {catch_up.SWITCH}=1 to use its stored result).")
     splits = load_from_disk(str(folder))
     limit = config.heldout_limit()
     if limit is not None and limit < len(splits["test"]):

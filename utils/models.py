@@ -158,7 +158,14 @@ def release_memory() -> None:
 
 
 def require_output(path: Path, chapter: str) -> Path:
-    """``path`` if it exists; otherwise stop with a message naming the chapter that writes it."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path} is missing: run notebooks/{chapter} first (it writes this file).")
+    """``path`` if it exists; otherwise stop with a message naming the chapter that writes it.
+
+    With the workshop's catch-up switch on (``PHI3_LAB_CATCH_UP=1``, :mod:`utils.catch_up`) a missing result of an
+    earlier chapter is first taken from the stored copy, with a line saying so.
+    """
+    from utils import catch_up
+
+    if not Path(path).exists() and not catch_up.restore(path, chapter):
+        raise FileNotFoundError(f"{path} is missing: run notebooks/{chapter} first (it writes this file), or set "
+                                f"{catch_up.SWITCH}=1 to use its stored result.")
     return Path(path)
