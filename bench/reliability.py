@@ -18,6 +18,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def data_case(text: str, **kwargs) -> Callable[[Path], str]:
 
 
 def main() -> int:
+    import datasets
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
@@ -65,6 +67,7 @@ def main() -> int:
 
     base = require_shipped_miniature()
     tokenizer = AutoTokenizer.from_pretrained(base)
+    datasets.disable_progress_bars()
 
     def setting(env: dict[str, str], call: Callable[[], object] = require_miniature_or_model) -> Callable[[Path], str]:
         def run(tmp: Path) -> str:
@@ -205,9 +208,14 @@ def _finetune_module():
     return module
 
 
+PROGRESS = re.compile(r"\d+%\|.*\|")  # a progress bar (loading weights, training) is not a message,
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # nor are its cursor moves or the trainer's {'loss': ...} logs
+
+
 def script_outcome(code: int, err: str, codes: tuple[int, ...] = (1, 2)) -> str:
     """clear: the expected exit status and one line, no traceback; else what went wrong."""
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    text = ANSI.sub("", err).replace("\r", "\n")
+    lines = [l for l in text.splitlines() if l.strip() and not PROGRESS.search(l) and not l.startswith("{'")]
     if "Traceback" in err:
         return "traceback (script)"
     if code in codes and len(lines) == 1:
@@ -438,8 +446,9 @@ def issue24_cases(base: Path, setting: Callable) -> list[tuple[str, str, Callabl
          outputs_is("runs-out", notebooks, lambda p: p == ROOT / "runs-out")),
         ("settings", "PHI3_LAB_OUTPUTS=~/lab", outputs_is("~/lab", notebooks, lambda p: p.name == "lab"
                                                             and "~" not in str(p))),
-        ("settings", "PHI3_LAB_OUTPUTS=.. from notebooks/", setting({"PHI3_LAB_OUTPUTS": str(notebooks / "..")},
-                                                                      config.outputs_dir)),
+        ("settings", "PHI3_LAB_OUTPUTS=.. from notebooks/", setting({"PHI3_LAB_OUTPUTS": ".."}, config.outputs_dir)),
+        ("settings", "PHI3_LAB_OUTPUTS=<project>/notebooks/..", setting({"PHI3_LAB_OUTPUTS": str(notebooks / "..")},
+                                                                        config.outputs_dir)),
         ("settings", "PHI3_LAB_OUTPUTS=docs/site", setting({"PHI3_LAB_OUTPUTS": "docs/site"}, config.outputs_dir)),
         ("settings", "PHI3_LAB_MAX_STEPS=\u00b3 (superscript)", setting({"PHI3_LAB_MAX_STEPS": "\u00b3"}, config.max_steps)),
         ("settings", "PHI3_LAB_HELDOUT=\u0664 (Arabic-Indic 4)", setting({"PHI3_LAB_HELDOUT": "\u0664"},

@@ -56,6 +56,9 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 class DiskFull(OSError):
     """A write failed because the disk is full; the message names the file, the free space and the fix."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the one line, without OSError's "[Errno 28]" prefix
+
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 # What torch.save / safetensors say when a write fails underneath them: their C++ writers drop the errno.
