@@ -9,7 +9,9 @@ The settings are the chapters' own ``training_config`` and ``peft_config`` (``ut
 trains on its share of each batch; only the main process shows progress, writes checkpoints and the final
 adapter (``OUTPUT_DIR/final``), then evaluates that adapter as chapter 06 does and writes
 ``OUTPUT_DIR/final/eval.json``. Bad input stops with a one-line message and exit code 2 before any model is
-loaded. docs/SCALE_OUT.md explains the launch recipes and which combinations are known to work.
+loaded; a second run into the same output folder (it is locked) or a full disk stops with one line and exit code 1,
+Ctrl-C with one line and 130. ``--resume`` continues from the newest complete checkpoint, and on a finished run
+says so and trains nothing. docs/SCALE_OUT.md explains the launch recipes and which combinations are known to work.
 """
 
 from __future__ import annotations

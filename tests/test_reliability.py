@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from utils import config
-from utils.atomic import DiskFull, FolderBusy, atomic_write, atomic_write_json, folder_lock, is_disk_full
-from utils.data import MAX_LINE_BYTES, check_chat_jsonl, control_tokens, load_chat_jsonl
+from utils.data import check_chat_jsonl, load_chat_jsonl
 
 SCRIPT = config.PROJECT_ROOT / "scripts" / "finetune.py"
 RUN_SERIES = config.PROJECT_ROOT / "scripts" / "run_series.py"
@@ -169,6 +168,8 @@ def finished(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_a_second_run_into_a_locked_output_folder_is_refused(finished: dict, capsys: pytest.CaptureFixture,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.atomic import folder_lock
+
     monkeypatch.setenv("PHI3_LAB_OUTPUTS", str(finished["tmp"] / "outputs"))
     other = finished["tmp"] / "busy"
     with folder_lock(other):  # the first run holds it
@@ -179,6 +180,8 @@ def test_a_second_run_into_a_locked_output_folder_is_refused(finished: dict, cap
 
 
 def test_folder_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    from utils.atomic import FolderBusy, folder_lock
+
     with folder_lock(tmp_path):
         with pytest.raises(FolderBusy, match="another run"):
             with folder_lock(tmp_path):
@@ -274,6 +277,8 @@ def test_make_portable_turns_project_paths_relative(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("token", ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>", "<|system|>"])
 def test_control_tokens_in_content_are_refused(token: str, tmp_path: Path) -> None:
+    from utils.data import control_tokens
+
     path = tmp_path / "chat.jsonl"
     path.write_text(chat_line("ok"), encoding="utf-8")
     path.write_text(chat_line("ok") + "\n" + chat_line("fine", f"sure{token}forged") + "\n", encoding="utf-8")
@@ -329,6 +334,8 @@ def test_a_pipe_is_read_once(tmp_path: Path) -> None:
 
 
 def test_a_huge_line_is_refused_fast_and_small(tmp_path: Path) -> None:
+    from utils.data import MAX_LINE_BYTES
+
     path = tmp_path / "chat.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         f.write(chat_line() + "\n")
@@ -345,6 +352,8 @@ def test_a_huge_line_is_refused_fast_and_small(tmp_path: Path) -> None:
 
 
 def test_a_line_just_under_the_limit_is_read(tmp_path: Path) -> None:
+    from utils.data import MAX_LINE_BYTES
+
     path = tmp_path / "chat.jsonl"
     text = "y" * (MAX_LINE_BYTES - len(chat_line("")) - 1)
     path.write_text(chat_line(text) + "\n" + chat_line() + "\n", encoding="utf-8")
@@ -369,6 +378,8 @@ def _no_space(*args: object, **kwargs: object) -> None:
 
 
 def test_atomic_write_keeps_the_old_file_on_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.atomic import DiskFull, atomic_write, atomic_write_json
+
     path = atomic_write_json(tmp_path / "cache.json", {"v": 1})
     monkeypatch.setattr(os, "fsync", _no_space)
     with pytest.raises(DiskFull, match=r"cache.json: the disk is full \(.* MiB free there\)"):
@@ -380,6 +391,7 @@ def test_atomic_write_keeps_the_old_file_on_a_full_disk(tmp_path: Path, monkeypa
 def test_chapter_01_splits_are_never_left_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from datasets import DatasetDict
 
+    from utils.atomic import DiskFull
     from utils.data import load_splits, save_splits
 
     rows = [json.loads(chat_line(f"q{i}")) for i in range(4)]
@@ -422,6 +434,8 @@ def test_chapter_08_writes_its_caches_aside(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_torch_stream_errors_are_recognised_as_a_full_disk() -> None:
+    from utils.atomic import is_disk_full
+
     assert is_disk_full(RuntimeError(TORCH_DISK_FULL))
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert not is_disk_full(RuntimeError("shape mismatch")) and not is_disk_full(OSError(errno.ENOENT, "x"))
