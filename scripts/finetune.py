@@ -137,11 +137,6 @@ def read_data(path: Path, flag: str, tokenizer: Any | None = None,
     return rows, lines
 
 
-def data_problems(path: Path, flag: str, tokenizer: Any | None = None, max_tokens: int | None = None) -> list[str]:
-    """The problems of :func:`read_data`."""
-    return read_data(path, flag, tokenizer, max_tokens)[1]
-
-
 def tokenizer_and_context(model: str) -> tuple[Any | None, int | None, str | None]:
     """(tokenizer, context length, problem) of the model, read without loading its weights (cheap)."""
     from transformers import AutoTokenizer
