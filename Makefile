@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: env run test notebooks data miniature experiments real-shape memory-table clean help
 
 help:
-	@echo "make run        execute chapters 00-08 in order; results under outputs/"
+	@echo "make run        execute chapters 00-09 in order; results under outputs/"
 	@echo "make test       unit tests + every notebook through nbval (what CI runs)"
 	@echo "make notebooks  maintainers: re-execute notebooks/ in place after code changes"
 	@echo "make data       regenerate data/ from its generator script"

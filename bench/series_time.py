@@ -7,12 +7,14 @@
 slowest cells (with the first line of each). From these the table splits each chapter into:
 
 - **kernel + overhead**: wall time minus the cells' time (starting the kernel, nbclient's round trips);
-- **imports/setup, model, training, evaluation**: the slowest cells, sorted by what their first line names
-  (a heuristic on that one line, see ``CATEGORIES``; a cell it cannot place counts as *other*);
-- **rest of cells**: cell time not in the three slowest cells.
+- **imports/setup, model, training, evaluation**: the cells, sorted by the most expensive kind of call their code
+  makes (training before evaluation before model loading; a cell counts as imports/setup only when it does
+  nothing else, see ``CATEGORIES``; a cell it cannot place counts as *other*);
+- **rest of cells**: cell time not in the cells listed.
 
-If a chapter's entry also carries a ``cells`` list (``{"cell", "seconds", "starts"}`` for every code cell),
-that list is used instead of ``slowest_cells``, and *rest of cells* is then only rounding.
+``scripts/run_series.py`` records every code cell (``{"cell", "seconds", "starts", "source"}``) in a ``cells``
+list, so *rest of cells* is only rounding. Older reports carry only the three slowest cells and their first line
+(``slowest_cells``); those are classified by that line alone.
 """
 
 from __future__ import annotations
@@ -27,18 +29,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils import config  # noqa: E402
 
-CATEGORIES: list[tuple[str, re.Pattern]] = [  # first match wins, tried on a cell's first line
+# First match wins, tried on a cell's code without its import lines and comments: a training cell that starts
+# with `from trl import SFTTrainer` is training, not imports. A cell left with nothing but imports, `config.` and
+# the like is imports/setup.
+CATEGORIES: list[tuple[str, re.Pattern]] = [
+    ("training", re.compile(r"\.train\(|SFTTrainer\(|Trainer\(|train_sft|train_full|train_loralib|\.fit\(|"
+                            r"run_grid|run_experiment", re.I)),
     ("evaluation", re.compile(r"evaluat|metrics|generate|assistant_loss|perplexity|score", re.I)),
-    ("training", re.compile(r"train|SFTTrainer|finetune|\.fit\(", re.I)),
-    ("model", re.compile(r"load_model|models import|miniature|from_pretrained|quantiz|merge", re.I)),
-    ("imports/setup", re.compile(r"^\s*(import|from)\s|config\.|silence_library_noise", re.I)),
+    ("model", re.compile(r"load_model|load_adapter|from_pretrained|quantiz|merge|export|build_", re.I)),
+    ("imports/setup", re.compile(r"^\s*$|config\.|silence_library_noise|hardware_report", re.I)),
 ]
+IMPORT_OR_COMMENT = re.compile(r"^\s*(import\s|from\s+\S+\s+import\s|#|$)")
 COLUMNS = ["kernel + overhead", "imports/setup", "model", "training", "evaluation", "other", "rest of cells"]
 
 
-def category(first_line: str) -> str:
-    """What a cell mostly does, judged from its first line of code."""
-    return next((name for name, pattern in CATEGORIES if pattern.search(first_line or "")), "other")
+def category(source: str) -> str:
+    """What a cell mostly does, judged from its code (its import lines and comments set aside)."""
+    code = "\n".join(line for line in (source or "").splitlines() if not IMPORT_OR_COMMENT.match(line))
+    if not code.strip():
+        return "imports/setup"
+    return next((name for name, pattern in CATEGORIES if pattern.search(code)), "other")
+
+
+def _source(cell: dict) -> str:
+    return cell.get("source") or cell.get("starts", "")
 
 
 def breakdown(chapter: dict) -> dict[str, float]:
@@ -47,7 +61,7 @@ def breakdown(chapter: dict) -> dict[str, float]:
     split = dict.fromkeys(COLUMNS, 0.0)
     split["kernel + overhead"] = max(chapter["seconds"] - chapter.get("cells_seconds", 0.0), 0.0)
     for cell in cells:
-        split[category(cell.get("starts", ""))] += cell["seconds"]
+        split[category(_source(cell))] += cell["seconds"]
     split["rest of cells"] = max(chapter.get("cells_seconds", 0.0) - sum(c["seconds"] for c in cells), 0.0)
     return split
 
@@ -71,11 +85,11 @@ def table(report: dict) -> str:
 
 def slowest(report: dict, n: int = 5) -> str:
     """The series' slowest cells, with their chapter and category."""
-    cells = [(c["seconds"], ch["notebook"], c["cell"], c.get("starts", "")) for ch in report["chapters"]
+    cells = [(c["seconds"], ch["notebook"], c["cell"], c.get("starts", ""), _source(c)) for ch in report["chapters"]
              for c in ch.get("cells") or ch.get("slowest_cells", [])]
     lines = ["slowest cells (of those recorded):"]
-    for seconds, notebook, index, starts in sorted(cells, reverse=True)[:n]:
-        lines.append(f"  {seconds:7.1f} s  {notebook} cell {index:<3} [{category(starts)}]  {starts}")
+    for seconds, notebook, index, starts, source in sorted(cells, reverse=True)[:n]:
+        lines.append(f"  {seconds:7.1f} s  {notebook} cell {index:<3} [{category(source)}]  {starts}")
     return "\n".join(lines)
 
 

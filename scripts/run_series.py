@@ -108,15 +108,16 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     client.execute()
     total = time.perf_counter() - started
     memory = peak_memory(nb.cells.pop())
-    cells = [(i, cell_seconds(c), "".join(c.source).splitlines()[0][:60] if c.source else "")
-             for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    cells = [(i, cell_seconds(c), "".join(c.source)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     strip_volatile(nb)
     target = path if in_place else out_dir / path.name
     nbformat.write(nb, target)
-    slowest = sorted(cells, key=lambda c: -c[1])[:3]
+    recorded = [{"cell": i, "seconds": round(s, 2), "starts": src.splitlines()[0][:60] if src else "", "source": src}
+                for i, s, src in cells]
     return {"notebook": path.name, "seconds": round(total, 1), "cells_seconds": round(sum(c[1] for c in cells), 1),
-            "slowest_cells": [{"cell": i, "seconds": round(s, 1), "starts": head} for i, s, head in slowest],
-            "peak_memory_mib": memory, "written": str(target)}
+            "slowest_cells": [{k: c[k] for k in ("cell", "seconds", "starts")}
+                              for c in sorted(recorded, key=lambda c: -c["seconds"])[:3]],
+            "cells": recorded, "peak_memory_mib": memory, "written": str(target)}
 
 
 def main() -> int:

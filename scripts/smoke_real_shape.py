@@ -4,7 +4,7 @@
     python scripts/smoke_real_shape.py --layers 1      # bench/memory_by_depth.py uses two depths
 
 It builds the stand-in (``utils/standin.py``: Phi-3-mini-4k-instruct's shape, tokenizer layout and chat template,
-random weights) unless it exists, then executes chapters 00-08 with
+random weights) unless it exists, then executes chapters 00-09 with
 
     PHI3_MODEL_ID=<the stand-in's folder>  PHI3_LAB_MAX_STEPS=2  PHI3_LAB_HELDOUT=8
 

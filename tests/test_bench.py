@@ -171,7 +171,7 @@ def test_series_time_table(tmp_path: Path) -> None:
     from bench.series_time import breakdown, main
 
     chapter = {"notebook": "03_lora_finetuning.ipynb", "seconds": 100.0, "cells_seconds": 90.0,
-               "slowest_cells": [{"cell": 9, "seconds": 60.0, "starts": "from utils.training import train_sft"},
+               "slowest_cells": [{"cell": 9, "seconds": 60.0, "starts": "trainer = train_sft(model, tokenizer, rows)"},
                                  {"cell": 12, "seconds": 20.0, "starts": "after = evaluate_generation(trainer.model"},
                                  {"cell": 2, "seconds": 5.0, "starts": "import pandas as pd"}]}
     split = breakdown(chapter)
@@ -179,6 +179,29 @@ def test_series_time_table(tmp_path: Path) -> None:
     assert split["imports/setup"] == 5.0 and split["rest of cells"] == 5.0
     path = tmp_path / "run_times.json"
     path.write_text(json.dumps({"model": "miniature", "total_seconds": 100.0, "chapters": [chapter]}))
+    assert main([str(path)]) == 0
+
+
+def test_series_time_classifies_a_cell_by_its_code_not_its_first_import(tmp_path: Path) -> None:
+    """A training cell that opens with imports is training; a cell of imports and settings alone is imports/setup."""
+    from bench.series_time import breakdown, category, main
+
+    training = "from peft import LoraConfig\nfrom trl import SFTConfig, SFTTrainer\n\ntrainer = SFTTrainer(model)\ntrainer.train()"
+    setup = "# settings\nfrom utils import config\n\nconfig.silence_library_noise()\nimport torch"
+    evaluation = "from utils.metrics import evaluate_generation\nscores, _ = evaluate_generation(model, tok, rows)"
+    loading = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(path)"
+    assert [category(s) for s in (training, setup, evaluation, loading)] == [
+        "training", "imports/setup", "evaluation", "model"]
+    chapter = {"notebook": "03_lora_finetuning.ipynb", "seconds": 50.0, "cells_seconds": 48.0,
+               "cells": [{"cell": 1, "seconds": 6.0, "starts": "# settings", "source": setup},
+                         {"cell": 5, "seconds": 40.0, "starts": "from peft import LoraConfig", "source": training},
+                         {"cell": 7, "seconds": 2.0, "starts": "from utils.metrics import evaluate_generation",
+                          "source": evaluation}]}
+    split = breakdown(chapter)
+    assert (split["training"], split["imports/setup"], split["evaluation"]) == (40.0, 6.0, 2.0)
+    assert split["rest of cells"] == 0.0
+    path = tmp_path / "run_times.json"
+    path.write_text(json.dumps({"model": "miniature", "total_seconds": 50.0, "chapters": [chapter]}))
     assert main([str(path)]) == 0
     assert main([str(tmp_path / "missing.json")]) == 1
 
@@ -202,3 +225,16 @@ def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> N
     assert lora["smallest_gpu"] == "Colab T4" and bench.smallest_gpu(30) == "A100 40 GB"
     assert bench.smallest_gpu(100) == "more than 80 GB"
     assert "| 03_lora_finetuning |" in bench.markdown(list(rows.values()))
+
+
+def test_export_memory_fits_a_line_through_two_depths() -> None:
+    """bench/export_memory.py: chapter 07's int4 export peak on Phi-3 Mini, read off the line through 1 and 2 layers."""
+    import importlib.util
+
+    from utils import config
+
+    spec = importlib.util.spec_from_file_location("export_memory", config.PROJECT_ROOT / "bench" / "export_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    fit = bench.extrapolate({2: 3700, 1: 3000})
+    assert fit == {"per_layer_mib": 700, "fixed_mib": 2300, "phi3_mini_gib": round((2300 + 32 * 700) / 1024, 1)}

@@ -10,7 +10,7 @@ import pytest
 from utils.deployment import (ChatSession, builder_command, chat_widget, check_agreement, check_export, diff_table,
                               export_onnx, folder_size, model_card, ort_generate, time_tokens, transcript_html,
                               upload_plan, write_model_card)
-from utils.deployment import lora_weights, make_adapters_switchable, write_onnx_adapter
+from utils.deployment import lora_matmul_nodes
 
 PROMPTS = [[{"role": "user", "content": "The door on floor 4 is broken, low priority."}],
            [{"role": "system", "content": "Answer with one ticket line."},
@@ -164,35 +164,37 @@ def test_checks_and_diff_table():
                                                                  "onnx": "c"}]
 
 
-def test_runtime_adapter_switching_matches_exports_with_the_adapter_built_in(tiny_model_dir: Path, tmp_path: Path):
-    import onnxruntime_genai as og
+def test_lora_matmul_nodes_are_the_builders_names_and_keep_lora_float_at_int4(tiny_model_dir: Path,
+                                                                               tmp_path: Path):
+    """Chapter 07 exports Phi-3 Mini's switchable base at int4 with ``nodes_to_exclude=lora_matmul_nodes(...)``: the
+    names must be those the builder gives LoRA's MatMuls, and excluding them must leave LoRA's matrices in float."""
+    import onnx
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    exports = {}
-    for name, seed in [("a", 1), ("b", 2)]:
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                    LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"]))
-        for key, weight in peft_model.named_parameters():
-            if "lora_B" in key:
-                torch.nn.init.normal_(weight, std=0.5)
-        peft_model.save_pretrained(tmp_path / f"adapter_{name}")
-        exports[name] = export_onnx(tiny_model_dir, tmp_path / f"onnx_{name}", "fp32",
-                                    extra_options={"adapter_path": str(tmp_path / f"adapter_{name}")}).folder
-    names = make_adapters_switchable(exports["a"], tmp_path / "switchable")
-    assert len(names) == 2 * 2 * 4  # 2 layers x (q, k, v, o) x (A, B)
-    model = og.Model(str(tmp_path / "switchable"))
-    tokenizer, adapters = og.Tokenizer(model), og.Adapters(model)
-    for name, folder in exports.items():
-        adapters.load(str(write_onnx_adapter(lora_weights(folder), tmp_path / f"{name}.onnx_adapter")), name)
-    answers = {}
-    for name, folder in exports.items():
-        built_in = og.Model(str(folder))
-        answers[name] = [g.text for g in ort_generate(model, tokenizer, PROMPTS, 12, adapters, name)]
-        assert answers[name] == [g.text for g in ort_generate(built_in, og.Tokenizer(built_in), PROMPTS, 12)]
-    assert answers["a"] != answers["b"]
-    plain = export_onnx(tiny_model_dir, tmp_path / "plain", "fp32").folder
-    with pytest.raises(ValueError, match="adapter_path"):
-        make_adapters_switchable(plain, tmp_path / "again")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layers = base.config.num_hidden_layers
+    torch.manual_seed(0)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    with_adapter = {"adapter_path": str(tmp_path / "adapter")}
+
+    def lora_nodes(folder: Path) -> dict[str, str]:
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return {n.name: n.op_type for n in graph.node if "/lora_" in n.name}
+
+    fp32 = export_onnx(tiny_model_dir, tmp_path / "fp32", "fp32", extra_options=with_adapter).folder
+    attention = [n for n in lora_matmul_nodes(layers) if "/attn/" in n]
+    assert lora_nodes(fp32) == {name: "MatMul" for name in attention}
+    assert len(lora_matmul_nodes(layers)) == layers * 7 * 2
+
+    quantized = export_onnx(tiny_model_dir, tmp_path / "int4", "int4", extra_options=with_adapter).folder
+    assert set(lora_nodes(quantized).values()) == {"MatMulNBits"}
+    kept = export_onnx(tiny_model_dir, tmp_path / "int4_kept", "int4", extra_options={
+        **with_adapter, "nodes_to_exclude": ",".join(lora_matmul_nodes(layers))}).folder
+    assert lora_nodes(kept) == {name: "MatMul" for name in attention}
+    model = onnx.load(str(kept / "model.onnx"), load_external_data=False)
+    lora = [i for i in model.graph.initializer if ".lora_" in i.name]
+    assert len(lora) == len(attention) and {i.data_type for i in lora} == {onnx.TensorProto.FLOAT}
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)  # the base itself is still int4

@@ -14,7 +14,7 @@ import pytest
 
 LAYERS = 2
 CHAPTERS = ["00_setup", "01_data_preparation", "02_lora_from_scratch", "03_lora_finetuning", "04_qlora_finetuning",
-            "05_inference", "06_evaluation", "07_deployment", "08_learning_and_forgetting"]
+            "05_inference", "06_evaluation", "07_deployment", "08_learning_and_forgetting", "09_your_own_task"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,10 @@ def test_short_run_products_are_complete_and_merges_keep_the_training_dtype(seri
         assert json.loads((outputs / "adapters" / name / "config.json").read_text())["dtype"] == training_dtype
     stats = json.loads((outputs / "adapters" / "lora" / "run_stats.json").read_text())
     assert stats["steps"] == 2
+    capstone = outputs / "capstone"  # chapter 09: its own adapter and merged model, short run, held-out capped
+    assert json.loads((capstone / "merged" / "config.json").read_text())["dtype"] == training_dtype
+    capstone_stats = json.loads((capstone / "adapter" / "run_stats.json").read_text())
+    assert capstone_stats["steps"] == 2 and len(capstone_stats["answers"]) == 8
     assert not (outputs / "tmp").exists()
     assert json.loads((outputs / "eval" / "results.json").read_text())["n_test"] == 8
 

@@ -387,7 +387,8 @@ def _load_tokenizer(spec: str | None) -> tuple[Any | None, int | None, str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.data", description="Check chat JSONL files.")
+    parser = argparse.ArgumentParser(prog="python -m utils.data", description="Check chat JSONL files, or convert "
+                                     "other formats to them.")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate files and print a summary")
     check.add_argument("paths", nargs="+", help="chat JSONL files")
@@ -395,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
                                            "(default: the configured model's; else word counts)")
     check.add_argument("--max-tokens", type=int, help="longest conversation allowed (default: the model's "
                                                       "max_position_embeddings)")
+    from utils import convert
+
+    convert.add_arguments(sub.add_parser("convert", help="convert alpaca, sharegpt, openai or csv data to chat JSONL"))
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        return convert.run_cli(args)
     if args.max_tokens is not None and args.max_tokens < 1:
         parser.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
     tokenizer, context, why = _load_tokenizer(args.tokenizer)

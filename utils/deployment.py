@@ -217,59 +217,19 @@ def diff_table(requests: Sequence[str], left: Sequence[str], right: Sequence[str
 
 # --- runtime adapters -------------------------------------------------------------------------------------------
 
-def lora_weights(export: str | Path) -> dict[str, Any]:
-    """The LoRA matrices the builder wrote into an export made with ``adapter_path`` (name -> numpy array).
+LORA_MODULES: dict[str, tuple[str, ...]] = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                            "mlp": ("gate_proj", "up_proj", "down_proj")}
 
-    The builder splits Phi-3's fused ``qkv_proj`` adapter into q/k/v parts and folds ``lora_alpha / r`` into B.
+
+def lora_matmul_nodes(num_layers: int) -> list[str]:
+    """The builder's names for the LoRA ``MatMul`` nodes of a Phi-3 export made with ``adapter_path``.
+
+    Passed as the extra option ``nodes_to_exclude``, they keep LoRA's matrices in float in an int4 export, where
+    they can become inputs of the graph. The builder splits Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` into
+    q/k/v and gate/up parts; names of modules an adapter does not target are simply not found.
     """
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(Path(export) / "model.onnx"))
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if ".lora_" in i.name}
-
-
-def make_adapters_switchable(export: str | Path, output: str | Path) -> list[str]:
-    """Copy an export made with ``adapter_path`` so that its LoRA matrices become inputs that ``og.Adapters`` sets.
-
-    Each LoRA matrix becomes a graph input whose default (the initializer of the same name) has B set to zero, so
-    with no adapter active the model is the base. Returns the names of the new inputs.
-    """
-    import shutil
-
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    export, output = Path(export), Path(output)
-    if output.exists():
-        shutil.rmtree(output)
-    shutil.copytree(export, output)
-    model = onnx.load(str(output / "model.onnx"))
-    names = []
-    for init in model.graph.initializer:
-        if ".lora_" not in init.name:
-            continue
-        value = numpy_helper.to_array(init)
-        if ".lora_B" in init.name:
-            init.CopyFrom(numpy_helper.from_array(np.zeros_like(value), init.name))
-        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(value.shape)))
-        names.append(init.name)
-    if not names:
-        raise ValueError(f"{export}/model.onnx has no LoRA matrices: export it with extra option adapter_path=ADAPTER")
-    (output / "model.onnx.data").unlink(missing_ok=True)
-    onnx.save(model, str(output / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    return names
-
-
-def write_onnx_adapter(weights: dict[str, Any], path: str | Path) -> Path:
-    """Save LoRA matrices (from :func:`lora_weights`) as an ONNX Runtime ``.onnx_adapter`` file for ``og.Adapters``."""
-    import onnxruntime as ort
-
-    adapter = ort.AdapterFormat()
-    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in weights.items()})
-    adapter.export_adapter(str(path))
-    return Path(path)
+    return [f"/model/layers.{layer}/{block}/{module}/lora_{matrix}/MatMul" for layer in range(num_layers)
+            for block, modules in LORA_MODULES.items() for module in modules for matrix in "AB"]
 
 
 # --- chat window ------------------------------------------------------------------------------------------------
