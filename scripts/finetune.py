@@ -9,7 +9,9 @@ The settings are the chapters' own ``training_config`` and ``peft_config`` (``ut
 trains on its share of each batch; only the main process shows progress, writes checkpoints and the final
 adapter (``OUTPUT_DIR/final``), then evaluates that adapter as chapter 06 does and writes
 ``OUTPUT_DIR/final/eval.json``. Bad input stops with a one-line message and exit code 2 before any model is
-loaded. docs/SCALE_OUT.md explains the launch recipes and which combinations are known to work.
+loaded; a second run into the same output folder (it is locked) or a full disk stops with one line and exit code 1,
+Ctrl-C with one line and 130. ``--resume`` continues from the newest complete checkpoint, and on a finished run
+says so and trains nothing. docs/SCALE_OUT.md explains the launch recipes and which combinations are known to work.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import config  # noqa: E402
-from utils.data import check_chat_jsonl, context_length  # noqa: E402
+from utils.data import context_length, read_chat_jsonl  # noqa: E402
+from utils.atomic import FolderBusy, atomic_write_json, disk_full_message, folder_lock, is_disk_full  # noqa: E402
 from utils.miniature import REPORT_FILE, require_shipped_miniature  # noqa: E402
-from utils.training import last_complete_checkpoint  # noqa: E402
+from utils.training import checkpoint_problem, last_complete_checkpoint  # noqa: E402
 
 METHODS = ("lora", "qlora")
 QUANT_STORAGE = ("auto", "uint8", "bfloat16", "float16", "float32")
 MAX_PROBLEMS_SHOWN = 20
+MAX_BATCH = 4096  # conversations per process and step; beyond this no GPU holds Phi-3 Mini's activations
+MAX_NEW_TOKENS = 4096  # Phi-3 Mini's context: a longer answer cannot be generated
 FINAL = "final"
 EVAL_FILE = "eval.json"
 
@@ -52,9 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="held-out chat JSONL for the loss during training and the final evaluation")
     parser.add_argument("--output-dir", type=Path,
                         help="checkpoints, logs and final/ (default: OUTPUTS/runs/METHOD-MODEL)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: epochs)")
-    parser.add_argument("--logging-steps", type=int, help="log the loss every N steps (default: training_config)")
-    parser.add_argument("--per-device-batch-size", type=int,
+    parser.add_argument("--max-steps", type=whole_number("--max-steps", config.MAX_STEPS_LIMIT),
+                        help=f"stop after this many optimizer steps, 1 to {config.MAX_STEPS_LIMIT:,} (default: epochs)")
+    parser.add_argument("--logging-steps", type=whole_number("--logging-steps", config.MAX_STEPS_LIMIT),
+                        help="log the loss every N steps (default: training_config)")
+    parser.add_argument("--per-device-batch-size", type=whole_number("--per-device-batch-size", MAX_BATCH),
                         help="conversations per process and step (default: training_config); the effective batch "
                              "is this x gradient accumulation x processes")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
@@ -62,14 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quant-storage", choices=QUANT_STORAGE, default="auto",
                         help="qlora: dtype the 4-bit weights are packed in; auto = the compute dtype under FSDP "
                              "(FSDP shards only float tensors), else uint8")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length in the final evaluation")
+    parser.add_argument("--max-new-tokens", type=whole_number("--max-new-tokens", MAX_NEW_TOKENS), default=48,
+                        help="answer length in the final evaluation")
     parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "logging_steps", "per_device_batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    return args
+    return parser.parse_args(argv)
+
+
+def whole_number(flag: str, limit: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to ``limit`` in ASCII digits (``int()`` alone takes "١٢" or "1_0")."""
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"[0-9]{1,20}", text.strip()) or not 1 <= int(text) <= limit:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number from 1 to {limit:,}")
+        return int(text)
+    parse.__name__ = flag  # argparse names the option's type in its message
+    return parse
 
 
 def world() -> tuple[int, int, int]:
@@ -109,15 +124,17 @@ def default_output_dir(method: str, model: str, miniature: bool) -> Path:
     return config.outputs_dir() / "runs" / f"{method}-{tag}"
 
 
-def data_problems(path: Path, flag: str, tokenizer: Any | None = None, max_tokens: int | None = None) -> list[str]:
-    """``PATH:LINE: reason`` lines for a data file (``PATH: reason (FLAG)`` when it cannot be read at all); with a
-    tokenizer and the model's context, conversations longer than the context too (training refuses them)."""
-    problems = check_chat_jsonl(path, tokenizer, max_tokens)
+def read_data(path: Path, flag: str, tokenizer: Any | None = None,
+              max_tokens: int | None = None) -> tuple[list[dict], list[str]]:
+    """(conversations, problems) of a data file, read once (so ``/dev/stdin`` or a pipe works): ``PATH:LINE: reason``
+    lines (``PATH: reason (FLAG)`` when it cannot be read at all); with a tokenizer and the model's context,
+    conversations longer than the context too (training refuses them), and the tokenizer's control tokens in text."""
+    rows, problems = read_chat_jsonl(path, tokenizer, max_tokens)
     lines = [f"{p.path}: {p.reason} ({flag})" if p.line == 0 else str(p) for p in problems]
     if len(lines) > MAX_PROBLEMS_SHOWN:
         lines = lines[:MAX_PROBLEMS_SHOWN] + [f"... and {len(lines) - MAX_PROBLEMS_SHOWN} more problem(s) in {path}; "
                                               f"`python -m utils.data check {path}` lists them all"]
-    return lines
+    return rows, lines
 
 
 def tokenizer_and_context(model: str) -> tuple[Any | None, int | None, str | None]:
@@ -145,10 +162,28 @@ def output_problem(output_dir: Path, flag: str) -> str | None:
     return None
 
 
+def finished_run(output_dir: Path) -> dict | None:
+    """The report (``final/eval.json``) of a run in ``output_dir`` that finished: its adapter saved and no checkpoint
+    newer than the steps it records; None when the run has not finished."""
+    final = output_dir / FINAL
+    if not (final / "adapter_model.safetensors").is_file():
+        return None
+    try:
+        report = json.loads((final / EVAL_FILE).read_text())
+        steps = int(report["train"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"train": {}}  # the adapter is saved, its report is not: finished training all the same
+    newest = last_complete_checkpoint(output_dir)
+    if newest is not None and int(newest.name.split("-")[1]) > steps:
+        return None  # a later run into this folder got further than the saved adapter
+    return report
+
+
 def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_dir: Path) -> Path | bool | None:
     """Raise :class:`InputError` listing every problem with the command line's files, folders and data (lengths
     against the model's context included), all before any model weights load. Returns what to resume from: the
-    newest complete checkpoint for ``--resume``, the given folder, or None."""
+    newest complete checkpoint for ``--resume``, the given folder, or None. The data read is kept in
+    ``args.train_rows`` and ``args.eval_rows``."""
     problems: list[str] = []
     spec = args.model or config.model_id()
     flag = "--model" if args.model else "PHI3_MODEL_ID"
@@ -172,21 +207,36 @@ def check_inputs(args: argparse.Namespace, model: str, miniature: bool, output_d
     if model_ok:
         tokenizer, max_tokens, problem = tokenizer_and_context(model)
         problems += [problem] if problem else []
-    problems += data_problems(args.data, "--data", tokenizer, max_tokens)
-    problems += data_problems(args.eval_data, "--eval-data", tokenizer, max_tokens)
+    args.train_rows, found = read_data(args.data, "--data", tokenizer, max_tokens)
+    problems += found
+    args.eval_rows, found = read_data(args.eval_data, "--eval-data", tokenizer, max_tokens)
+    problems += found
     problem = output_problem(output_dir, "--output-dir" if args.output_dir else "PHI3_LAB_OUTPUTS")
     problems += [problem] if problem else []
     resume: Path | bool | None = None
     if isinstance(args.resume, str):
-        if not Path(args.resume).is_dir():
-            problems.append(f"{args.resume}: no such checkpoint folder (--resume)")
         resume = Path(args.resume)
+        if not resume.is_dir():
+            problems.append(f"{args.resume}: no such checkpoint folder (--resume)")
+        elif (why := checkpoint_problem(resume)) is not None:
+            problems.append(f"{args.resume}: not a complete checkpoint ({why}) (--resume); give a checkpoint-N "
+                            "folder of an earlier run, or --resume alone for the newest complete one")
+        elif not problem and finished_run(output_dir) is not None:
+            problems.append(f"{output_dir}: the run there finished already ({FINAL}/ holds its adapter), so resuming "
+                            f"from {args.resume} would overwrite it (--resume); give another --output-dir")
     elif args.resume and not problem:
         resume = last_complete_checkpoint(output_dir)
         if resume is None:
             some = "complete " if any(output_dir.glob("checkpoint-*")) else ""
             problems.append(f"{output_dir}: no {some}checkpoint-* folder to resume from (--resume; give "
                             "--output-dir of the earlier run)")
+    if resume and model_ok and not problems:
+        from utils.adapters import check_adapter_base
+
+        try:  # checkpoints record their base as the final adapter does: resuming onto another base is refused
+            check_adapter_base(resume, model)
+        except config.SettingsError as err:
+            problems.append(f"{err} (--resume)")
     if problems:
         raise InputError("\n".join(problems))
     return resume
@@ -257,18 +307,51 @@ def evaluate_adapter(model: str, adapter: Path, method: str, hardware: Any, eval
             "examples": examples}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rank, local_rank, world_size = world()
-    model, miniature = resolve_model(args.model)
-    output_dir = args.output_dir or default_output_dir(args.method, model, miniature)
-    try:
-        resume = check_inputs(args, model, miniature, output_dir)
-    except InputError as err:
-        if rank == 0:
-            print(err, file=sys.stderr)
-        return 2
+INTERRUPTED = ("Interrupted. Checkpoints already written to {out} are kept; run the same command with --resume to "
+               "continue from the newest.")
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, check, lock the output folder, train, evaluate; one line and exit 2 for bad input, 1 for a full disk
+    or a folder another run is writing, 130 for Ctrl-C."""
+    args = parse_args(argv)
+    rank = world()[0]
+    say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
+    output_dir = None
+    try:
+        model, miniature = resolve_model(args.model)
+        output_dir = args.output_dir or default_output_dir(args.method, model, miniature)
+        if args.resume is True and (done := finished_run(output_dir)) is not None:
+            steps = done["train"].get("steps")
+            say(f"{output_dir}: the run there finished already{f' ({steps} steps)' if steps else ''}; {FINAL}/ holds "
+                f"its adapter{'' if 'eval' not in done else f' and {FINAL}/{EVAL_FILE} its evaluation'}. Nothing to "
+                "resume; to train again, give another --output-dir.")
+            return 0
+        resume = check_inputs(args, model, miniature, output_dir)
+        if rank != 0:
+            return train(args, model, miniature, output_dir, resume)
+        with folder_lock(output_dir, "wait for it to finish, or give another --output-dir"):
+            return train(args, model, miniature, output_dir, resume)
+    except (InputError, config.SettingsError) as err:
+        say(str(err))
+        return 2
+    except FolderBusy as err:
+        say(str(err))
+        return 1
+    except KeyboardInterrupt:
+        say(INTERRUPTED.format(out=output_dir or "the output folder"))
+        return 130
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        say(disk_full_message(output_dir or config.outputs_dir(), "saving a checkpoint or the adapter")
+            + "; checkpoints cut short are skipped by --resume")
+        return 1
+
+
+def train(args: argparse.Namespace, model: str, miniature: bool, output_dir: Path, resume: Path | None) -> int:
+    """Train, save ``final/`` (aside, then swapped in), evaluate; run in every process of a launch."""
+    rank, local_rank, world_size = world()
     import torch
 
     fsdp = fsdp_launched()
@@ -290,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil
 
-    from utils.adapters import record_base
+    from utils.adapters import portable_path, record_base, record_base_callback
     from utils.atomic import staging_path, swap_in
-    from utils.data import load_chat_jsonl
     from utils.models import hardware_report, load_tokenizer
     from utils.training import make_sft_config, peft_config, train_sft, training_config
 
@@ -336,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (FSDP)' if fsdp else ' (DDP)' if world_size > 1 else ''}", flush=True)
 
     tokenizer = load_tokenizer(model)
-    train_rows, eval_rows = load_chat_jsonl(args.data), load_chat_jsonl(args.eval_data)
+    train_rows, eval_rows = args.train_rows, args.eval_rows  # read once by check_inputs (a pipe cannot be re-read)
+    callbacks.append(record_base_callback(model))  # every checkpoint knows its base: --resume onto another refuses
     trainer, stats = train_sft(base, tokenizer, train_rows, eval_rows, sft_args, peft=peft_config(miniature),
                                resume_from_checkpoint=str(resume) if resume else None, callbacks=callbacks)
     final = output_dir / FINAL
@@ -362,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main:
         return 0
 
-    report: dict[str, Any] = {"method": args.method, "model": model, "adapter": str(final),
-                              "train_data": str(args.data), "eval_data": str(args.eval_data),
+    report: dict[str, Any] = {"method": args.method, "model": portable_path(model), "adapter": portable_path(final.absolute()),
+                              "train_data": portable_path(args.data.absolute()),
+                              "eval_data": portable_path(args.eval_data.absolute()),
                               "processes": world_size, "distributed": "FSDP" if fsdp else "DDP" if world_size > 1
                               else "none", "device": hardware.device, "train": stats}
     if not args.no_eval:
@@ -373,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         report["eval"] = evaluate_adapter(model, final, args.method, hardware, eval_rows, args.max_new_tokens)
-    (final / EVAL_FILE).write_text(json.dumps(report, indent=2))
+    atomic_write_json(final / EVAL_FILE, report)
     summary = report.get("eval", {})
     print(f"adapter: {final}  steps {stats['steps']}, train loss {stats['train_loss']:.3f}"
           + (f", held-out loss {summary['assistant_loss']:.3f}, exact match {summary['exact_match']:.2f}"

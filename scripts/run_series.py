@@ -127,9 +127,21 @@ def main() -> int:
     parser.add_argument("--solutions", action="store_true",
                         help="after the chapters, run their worked solutions (notebooks/solutions/) too")
     args = parser.parse_args()
-    out_dir = config.outputs_dir() / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [p for p in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) if not args.only or p.name[:2] in args.only]
+    args.only = [n.zfill(2) if re.fullmatch(r"[0-9]", n) else n for n in args.only]  # "3" means chapter 03
+    chapters = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    numbers = [p.name[:2] for p in chapters]
+    unknown = [n for n in args.only if n not in numbers]
+    if unknown or (args.only == [] and "--only" in sys.argv[1:]):
+        what = f"no chapter {', '.join(unknown)}" if unknown else "no chapter given"
+        print(f"--only: {what}; choose from {' '.join(numbers)} (e.g. --only 00 03)", file=sys.stderr)
+        return 2
+    try:
+        out_dir = config.check_outputs_dir() / "notebooks"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except config.SettingsError as err:
+        print(err, file=sys.stderr)
+        return 2
+    paths = [p for p in chapters if not args.only or p.name[:2] in args.only]
     if args.solutions:
         paths += [p for p in sorted((NOTEBOOKS / "solutions").glob("[0-9][0-9]_*.ipynb"))
                   if not args.only or p.name[:2] in args.only]

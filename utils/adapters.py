@@ -111,12 +111,58 @@ def tokenizer_size(folder: Path) -> int | None:
     return max(ids) + 1 if ids else None
 
 
+def portable_path(value: str | Path) -> str:
+    """A path as an adapter may record it: relative to the project folder when inside it, ``~/...`` when under the
+    home folder; anything else (a hub id, another folder) as given."""
+    from utils.config import PROJECT_ROOT
+
+    text = str(value)
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    if path.is_relative_to(PROJECT_ROOT):
+        return path.relative_to(PROJECT_ROOT).as_posix() or "."
+    home = Path.home()
+    return f"~/{path.relative_to(home).as_posix()}" if path.is_relative_to(home) and path != home else text
+
+
+# What trainer.save_model leaves that does not belong in an adapter one hands on: a pickle of the training
+# arguments (unpickling runs code) and, in adapter_config.json and the model card, this machine's absolute paths.
+PICKLED_FILES = ("training_args.bin",)
+TEXT_FILES_WITH_PATHS = ("adapter_config.json", "README.md")
+
+
+def make_portable(adapter_dir: str | Path) -> None:
+    """Remove pickles from a saved adapter folder and write its local paths relative (see :func:`portable_path`)."""
+    from utils.atomic import atomic_write
+    from utils.config import PROJECT_ROOT
+
+    adapter_dir = Path(adapter_dir)
+    for name in PICKLED_FILES:
+        (adapter_dir / name).unlink(missing_ok=True)
+    prefixes = [(f"{PROJECT_ROOT}/", ""), (f"{Path.home()}/", "~/")]
+    for name in TEXT_FILES_WITH_PATHS:
+        file = adapter_dir / name
+        if not file.is_file():
+            continue
+        text = file.read_text(encoding="utf-8")
+        fixed = text
+        for prefix, short in prefixes:
+            fixed = fixed.replace(prefix, short)
+        if fixed != text:
+            atomic_write(file, fixed)
+
+
 def record_base(adapter_dir: str | Path, model_path: str | Path) -> Path:
-    """Write ``base_model.json`` (the base as given, its weights' fingerprint, its vocabulary size) into an adapter."""
+    """Write ``base_model.json`` (the base as given, its weights' fingerprint, its vocabulary size) into an adapter,
+    and make the folder portable (:func:`make_portable`: no pickled ``training_args.bin``, no absolute paths)."""
+    from utils.atomic import atomic_write_json
+
     folder = resolve_model_folder(model_path)
-    record = {"base_model": str(model_path), "fingerprint": base_fingerprint(folder), "vocab_size": _vocab_size(folder)}
-    path = Path(adapter_dir) / RECORD_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    record = {"base_model": portable_path(model_path), "fingerprint": base_fingerprint(folder),
+              "vocab_size": _vocab_size(folder)}
+    path = atomic_write_json(Path(adapter_dir) / RECORD_FILE, record)
+    make_portable(adapter_dir)
     return path
 
 
@@ -162,3 +208,26 @@ def check_adapter_base(adapter_dir: str | Path, model_path: str | Path, allow_mi
             raise AdapterBaseMismatch(message)
         warnings.warn(message.replace("Retrain", "Loading anyway, as allowed; retrain"), stacklevel=2)
     return record
+
+
+def record_base_callback(model_path: str | Path) -> Any:
+    """A ``TrainerCallback`` that writes ``base_model.json`` into every checkpoint the trainer saves (main process
+    only), so that resuming a checkpoint onto another base is refused like loading an adapter onto one."""
+    from transformers import TrainerCallback
+
+    from utils.atomic import atomic_write_json
+
+    class RecordBase(TrainerCallback):
+        record: dict | None = None
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not state.is_world_process_zero or not folder.is_dir():
+                return
+            if self.record is None:
+                base = resolve_model_folder(model_path)
+                self.record = {"base_model": portable_path(model_path), "fingerprint": base_fingerprint(base),
+                               "vocab_size": _vocab_size(base)}
+            atomic_write_json(folder / RECORD_FILE, self.record)
+
+    return RecordBase()

@@ -2,10 +2,12 @@
 
 - ``PHI3_MODEL_ID``: ``miniature`` (default, offline) or a hub id / local path of a Phi-3 checkpoint,
   e.g. ``microsoft/Phi-3-mini-4k-instruct``.
-- ``PHI3_LAB_OUTPUTS``: where everything the notebooks produce goes (default ``<project>/outputs``).
+- ``PHI3_LAB_OUTPUTS``: where everything the notebooks produce goes (default ``<project>/outputs``; a relative
+  value is taken from the project folder, ``~`` is expanded; never inside the project's own folders).
 - ``PHI3_LAB_MAX_STEPS`` and ``PHI3_LAB_HELDOUT``: a short run, to check that a model and a machine get through
   every chapter before spending hours on it: at most that many optimizer steps per training run, and only the first
-  that many held-out conversations evaluated. Unset (the default) for real results.
+  that many held-out conversations evaluated (whole numbers from 1 to ``MAX_STEPS_LIMIT`` / ``HELDOUT_LIMIT``).
+  Unset (the default) for real results.
 
 The miniature itself is not an output: it is built once by ``make miniature`` and shipped in ``models/``, so every
 learner starts from the same base at once.
@@ -13,8 +15,11 @@ learner starts from the same base at once.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +37,39 @@ class SettingsError(RuntimeError):
     """A wrong setting (environment variable, model folder, output folder); the message says what to change."""
 
 
+# The project's own files: an output folder here would overwrite them (``PHI3_LAB_OUTPUTS=..`` from notebooks/
+# made ``make run`` write its executed copies over the stored chapters).
+PROJECT_FOLDERS = ("notebooks", "utils", "scripts", "tests", "data", "models", "docs", "bench", "configs", ".git",
+                   ".ci")
+
+
 def outputs_dir() -> Path:
-    """The folder that receives everything the series writes (writers create the sub-folders they need)."""
-    return Path(os.environ.get("PHI3_LAB_OUTPUTS", PROJECT_ROOT / "outputs")).resolve()
+    """The folder that receives everything the series writes (writers create the sub-folders they need).
+
+    ``PHI3_LAB_OUTPUTS`` unset or blank: ``<project>/outputs``. ``~`` is expanded, and a relative value is taken from
+    the project folder (not from wherever a notebook's kernel or a script happens to run), so every chapter and
+    script agrees on one folder. :class:`SettingsError` when the value would put outputs on the project's own files.
+    """
+    raw = os.environ.get("PHI3_LAB_OUTPUTS", "").strip()
+    if not raw:
+        return PROJECT_ROOT / "outputs"
+    fix = "set PHI3_LAB_OUTPUTS to a folder of its own, e.g. PHI3_LAB_OUTPUTS=~/phi3-lab-outputs, or unset it"
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError:  # ~user of an unknown user, or no home folder
+        raise SettingsError(f"PHI3_LAB_OUTPUTS={raw}: its ~ cannot be expanded here; {fix}") from None
+    if not path.is_absolute():
+        path = (PROJECT_ROOT / path).resolve()
+        if not path.is_relative_to(PROJECT_ROOT):  # meant from notebooks/ perhaps; either way ambiguous
+            raise SettingsError(f"PHI3_LAB_OUTPUTS={raw}: a relative value is taken from the project folder, and "
+                                f"this one leads out of it ({path}); give an absolute path, e.g. PHI3_LAB_OUTPUTS=~/phi3-lab-outputs")
+    path = path.resolve()
+    if path == PROJECT_ROOT or any(path.is_relative_to(PROJECT_ROOT / name) for name in PROJECT_FOLDERS):
+        where = "the project folder itself" if path == PROJECT_ROOT else \
+            f"inside the project's {path.relative_to(PROJECT_ROOT).parts[0]}/"
+        raise SettingsError(f"PHI3_LAB_OUTPUTS={raw}: is {where} ({path}), so the series would write over the "
+                            f"project's own files; {fix}")
+    return path
 
 
 def model_id() -> str:
@@ -76,12 +111,23 @@ def model_tag() -> str:
     return f"{tag} (short run)" if is_short_run() else tag
 
 
+# Bounds on the numeric settings (and on scripts/finetune.py's --max-steps): beyond them a value is a typo, not a
+# plan. 100,000 optimizer steps is days of training for Phi-3 Mini on one GPU; more only decays the learning
+# rate towards zero for ever.
+MAX_STEPS_LIMIT = 100_000
+HELDOUT_LIMIT = 1_000_000
+_LIMITS = {"PHI3_LAB_MAX_STEPS": MAX_STEPS_LIMIT, "PHI3_LAB_HELDOUT": HELDOUT_LIMIT}
+
+
 def _positive_int(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) == 0:
-        raise SettingsError(f"{name}={value}: must be a whole number of at least 1, e.g. {name}=2, or unset")
+    limit = _LIMITS.get(name, HELDOUT_LIMIT)
+    # ASCII digits only: str.isdigit() also accepts "²" or "١٢", which int() then rejects or reads unexpectedly.
+    if not re.fullmatch(r"[0-9]{1,20}", value) or not 1 <= int(value) <= limit:
+        raise SettingsError(f"{name}={value}: must be a whole number from 1 to {limit:,} written in ASCII digits, "
+                            f"e.g. {name}=2, or unset")
     return int(value)
 
 
@@ -155,8 +201,37 @@ def apply_offline_switches() -> dict[str, str]:
     changed = {k: v for k, v in wanted.items() if k not in os.environ}
     for key, value in wanted.items():
         os.environ.setdefault(key, value)
+    _keep_datasets_cache_in_outputs()
     _sync_imported_libraries()
     return changed
+
+
+_own_datasets_cache: list[str] = []
+
+
+def datasets_cache_dir() -> Path:
+    """Where ``datasets`` caches what ``load_dataset`` builds (chapter 01): ``OUTPUTS/cache/datasets``, so that the
+    series writes nothing under the home folder and ``make clean`` removes it with the rest."""
+    return outputs_dir() / "cache" / "datasets"
+
+
+def _keep_datasets_cache_in_outputs() -> None:
+    """Point ``HF_DATASETS_CACHE`` at :func:`datasets_cache_dir` unless the user chose a cache (``HF_DATASETS_CACHE``
+    or ``HF_HOME``); follows a changed output folder on the next call."""
+    current = os.environ.get("HF_DATASETS_CACHE")
+    if "HF_HOME" in os.environ or (current is not None and current not in _own_datasets_cache):
+        return
+    try:
+        path = str(datasets_cache_dir())
+    except SettingsError:  # reported where the output folder is used; importing the config never fails
+        return
+    os.environ["HF_DATASETS_CACHE"] = path
+    _own_datasets_cache.append(path)
+    ds = sys.modules.get("datasets.config")
+    if ds is not None:
+        ds.HF_DATASETS_CACHE = Path(path)
+        ds.DOWNLOADED_DATASETS_PATH = Path(path) / ds.DOWNLOADED_DATASETS_DIR
+        ds.EXTRACTED_DATASETS_PATH = Path(path) / ds.DOWNLOADED_DATASETS_DIR / ds.EXTRACTED_DATASETS_DIR
 
 
 def _truthy(name: str) -> bool:
@@ -164,8 +239,6 @@ def _truthy(name: str) -> bool:
 
 
 def _sync_imported_libraries() -> None:
-    import sys
-
     hub = sys.modules.get("huggingface_hub.constants")
     if hub is not None:
         hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE or _truthy("HF_HUB_OFFLINE")
@@ -235,14 +308,51 @@ def check_model_spec(spec: str, source: str = "PHI3_MODEL_ID") -> str:
     except HFValidationError:
         raise SettingsError(f"{source}={spec}: neither a folder here nor a valid hub id (owner/name, "
                             f"e.g. {REAL_PHI3})") from None
+    if "/" not in spec:
+        # Every Phi-3 checkpoint has an owner (microsoft/...); a bare name is a typo, not a download to retry for a
+        # minute against the network.
+        close = difflib.get_close_matches(spec.lower(), [MINIATURE], n=1, cutoff=0.6)
+        hint = f' (did you mean "{MINIATURE}"?)' if close else ""
+        raise SettingsError(f"{source}={spec}: not a folder here, nor a hub id of the form owner/name{hint}; set it "
+                            f"to {MINIATURE}, a folder holding a Phi-3 checkpoint, or a hub id such as {REAL_PHI3}")
+    near = _near_known_id(spec)
+    if near and not _in_hub_cache(spec):
+        raise SettingsError(f'{source}={spec}: not in the local Hugging Face cache, and one letter or two away from '
+                            f'{near} (did you mean "{near}"?); fix the spelling')
     if _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE"):
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        if not _in_hub_cache(spec):
             raise SettingsError(f"{source}={spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
                                 f"forbids downloading it; check the spelling (e.g. {REAL_PHI3}), or download it "
                                 "once with network access (unset HF_HUB_OFFLINE)")
     return spec
+
+
+# Phi-3 checkpoints a typo is checked against (only for "did you mean"; any other hub id is accepted as given).
+KNOWN_PHI3 = (REAL_PHI3, "microsoft/Phi-3-mini-128k-instruct", "microsoft/Phi-3.5-mini-instruct",
+              "microsoft/Phi-3-medium-4k-instruct", "microsoft/Phi-3-medium-128k-instruct")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def _near_known_id(spec: str) -> str | None:
+    """The known Phi-3 id ``spec`` misspells (one or two edits away, not equal), or None."""
+    if spec in KNOWN_PHI3:
+        return None
+    near = [k for k in KNOWN_PHI3 if _edit_distance(spec.lower(), k.lower()) <= 2]
+    return near[0] if near else None
+
+
+def _in_hub_cache(spec: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(spec, "config.json"), str)
 
 
 def check_settings() -> None:
@@ -259,7 +369,8 @@ INTERRUPT_MESSAGE = "Interrupted. Re-run this cell to start it again; checkpoint
 
 def quiet_interrupts(message: str = INTERRUPT_MESSAGE) -> bool:
     """In IPython/Jupyter, make Ctrl-C print one line instead of chained tracebacks, and a wrong setting
-    (:class:`SettingsError`, e.g. a bad ``PHI3_MODEL_ID`` or an adapter on the wrong base) its one plain message.
+    (:class:`SettingsError`, e.g. a bad ``PHI3_MODEL_ID`` or an adapter on the wrong base), a full disk or a folder
+    another run is writing (``utils.atomic.DiskFull``, ``FolderBusy``) their one plain message.
 
     Returns True when a handler was registered, False outside IPython (where it does nothing).
     """
@@ -274,7 +385,9 @@ def quiet_interrupts(message: str = INTERRUPT_MESSAGE) -> bool:
     def one_line(shell: object, etype: type, value: BaseException, tb: object, tb_offset: int | None = None) -> None:
         print(message if isinstance(value, KeyboardInterrupt) else f"{etype.__name__}: {value}")
 
-    shell.set_custom_exc((KeyboardInterrupt, SettingsError), one_line)
+    from utils.atomic import DiskFull, FolderBusy
+
+    shell.set_custom_exc((KeyboardInterrupt, SettingsError, DiskFull, FolderBusy), one_line)
     return True
 
 

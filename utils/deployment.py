@@ -352,9 +352,9 @@ def model_card(*, title: str, base: str, base_details: dict[str, Any] | None, da
 
 def write_model_card(folder: str | Path, text: str) -> Path:
     """Write ``text`` as ``FOLDER/README.md`` (the file a model hub shows) and return its path."""
-    path = Path(folder) / "README.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    from utils.atomic import atomic_write
+
+    return atomic_write(Path(folder) / "README.md", text)
 
 
 def upload_plan(folder: str | Path) -> list[tuple[str, int]]:

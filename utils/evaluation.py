@@ -140,7 +140,7 @@ def write_results(path: Path, model_id: str, n_test: int, variants: dict[str, di
     problems = check_results(results)
     if problems:
         raise ValueError("results not written:\n" + "\n".join(problems))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    from utils.atomic import atomic_write_json
+
+    atomic_write_json(path, results)
     return results

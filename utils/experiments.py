@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from utils import config
+from utils.atomic import atomic_write_json
 
 MODES = ("reduced", "full")
 ATTENTION = ("qkv_proj", "o_proj")
@@ -160,10 +162,9 @@ def measure_base(data: ExperimentData, cache_dir: Path | None = None,
                  load_model: Callable[[], Any] | None = None) -> dict[str, float]:
     """:func:`measure` of the untrained base, cached in ``base.json`` next to the runs (same base and data sizes)."""
     path = (cache_dir or experiments_dir()) / "base.json"
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("data") == _data_key(data):
-            return record["scores"]
+    record = read_cache_file(path)
+    if record is not None and record.get("data") == _data_key(data) and isinstance(record.get("scores"), dict):
+        return record["scores"]
     if load_model is None:
         from utils.models import load_model as load_configured
 
@@ -171,9 +172,28 @@ def measure_base(data: ExperimentData, cache_dir: Path | None = None,
     else:
         model = load_model()
     scores = measure(model, data.tokenizer, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"data": _data_key(data), "scores": scores}, indent=2))
+    atomic_write_json(path, {"data": _data_key(data), "scores": scores})
     return scores
+
+
+def read_cache_file(path: Path) -> dict[str, Any] | None:
+    """A cached JSON record, or None when there is none; one that cannot be read (cut short by a crash or a full
+    disk before writes went through :func:`~utils.atomic.atomic_write`) is named in a warning, moved aside as
+    ``NAME.unreadable`` and treated as missing, so the run is measured again instead of every rerun failing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (OSError, ValueError) as err:
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)
+        warnings.warn(f"{path}: unreadable cache file ({str(err).splitlines()[0][:80]}); moved to {aside.name} and "
+                      "measured again", stacklevel=2)
+        return None
 
 
 def forgetting(base: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -193,10 +213,9 @@ def _cache_path(run: Run, cache_dir: Path) -> Path:
 
 def load_cached(run: Run, cache_dir: Path, data: ExperimentData) -> dict[str, Any] | None:
     """A finished run's record when one was cached with the same settings, base and data sizes; else ``None``."""
-    path = _cache_path(run, cache_dir)
-    if not path.is_file():
+    record = read_cache_file(_cache_path(run, cache_dir))
+    if record is None:
         return None
-    record = json.loads(path.read_text())
     same = record.get("run") == run.as_dict() and record.get("data") == _data_key(data)
     return record if same else None
 
@@ -253,11 +272,7 @@ def run_experiment(run: Run, make_trainer: TrainerFactory, data: ExperimentData,
               "saved_bytes": size, "train_seconds": round(wall, 1), "steps": trainer.state.global_step,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     shutil.rmtree(scratch, ignore_errors=True)
-    path = _cache_path(run, cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    atomic_write_json(_cache_path(run, cache_dir), record)
     return {**record, "cached": False}
 
 
@@ -327,11 +342,7 @@ def write_results(path: Path, records: Sequence[dict[str, Any]], base: dict[str,
         raise ValueError("results not written:\n" + "\n".join(problems))
     results = {"settings": settings, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "base": base, "runs": [{k: v for k, v in r.items() if k != "cached"} for r in records]}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, results)
     return results
 
 

@@ -240,13 +240,10 @@ def stop_after(step: int) -> Any:
 
 
 def save_run_stats(folder: Path, stats: dict, history: list[dict]) -> Path:
-    """Write a run's statistics and loss history next to its adapter, for the comparison chapters."""
-    import json
+    """Write a run's statistics and loss history next to its adapter, for the comparison chapters (atomically)."""
+    from utils.atomic import atomic_write_json
 
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run_stats.json"
-    path.write_text(json.dumps({**stats, "history": history}, indent=2))
-    return path
+    return atomic_write_json(Path(folder) / "run_stats.json", {**stats, "history": history})
 
 
 def checkpoint_problem(folder: Path) -> str | None:
