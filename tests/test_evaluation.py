@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from utils.evaluation import (REQUIRED_VARIANTS, check_results, evaluate_variant, field_accuracy, fields_correct,
-                              parse_ticket, per_category, write_results)
+from utils.evaluation import (MISS_KINDS, REQUIRED_VARIANTS, check_results, evaluate_variant, field_accuracy,
+                              fields_correct, miss_counts, miss_kind, parse_ticket, per_category, write_results,
+                              wrong_fields)
 from utils.metrics import Generation, score_generations
 
 BOOK = "BOOK | room: atlas | people: 4 | day: thu | time: 10:00"
@@ -125,3 +126,28 @@ def test_well_formed_means_one_house_format_ticket_whatever_its_values() -> None
            "BOOK | room: oak | people: 1 | day: mon | time: 9am", "fix | item: sink | floor: 2 | priority: low",
            good[0] + " | extra: 1"]
     assert not any(is_well_formed(t) for t in bad)
+
+
+REF = "BOOK | room: atlas | people: 4 | day: thu | time: 10:00"
+
+
+@pytest.mark.parametrize("answer, kind, wrong", [
+    (REF + "  ", "right", []),
+    ("BOOK | room: atlas | people: 5 | day: thu | time: 10:00", "one field wrong", ["people"]),
+    ("BOOK | room: atlas | people: 5 | day: thu", "several fields wrong", ["people", "time"]),
+    (REF + " | time: 11:00", "extra text", []),
+    ("FIX | item: door | floor: 4 | priority: low", "wrong kind", ["kind", "room", "people", "day", "time"]),
+    ("room: atlas | day: thu | time: 10:00", "no ticket", ["kind", "room", "people", "day", "time"]),
+    ("", "no ticket", ["kind", "room", "people", "day", "time"]),
+    ("MEMO | room: atlas", "no ticket", ["kind", "people", "day", "time"]),
+])
+def test_miss_kind_names_how_an_answer_misses(answer: str, kind: str, wrong: list[str]) -> None:
+    assert miss_kind(answer, REF) == kind and kind in MISS_KINDS
+    assert wrong_fields(answer, REF) == wrong
+
+
+def test_miss_counts_has_every_kind_and_adds_up() -> None:
+    answers = [REF, REF.replace("4", "5"), "", "FIX | item: door"]
+    counts = miss_counts(answers, [REF] * len(answers))
+    assert list(counts) == list(MISS_KINDS) and sum(counts.values()) == len(answers)
+    assert counts["right"] == counts["one field wrong"] == counts["no ticket"] == counts["wrong kind"] == 1

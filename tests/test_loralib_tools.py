@@ -92,6 +92,19 @@ def test_save_reload_round_trip_gives_identical_logits(tiny_model_dir: Path, bat
     assert reloaded.generation_config.eos_token_id == model.generation_config.eos_token_id
 
 
+def test_save_lora_writes_the_given_lora_state_dict_and_refuses_base_weights(tiny_model_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    model = trained(tiny_model_dir)
+    tensors = lora.lora_state_dict(model)
+    path = save_lora(model, tmp_path / "adapter", {"r": R, "lora_alpha": ALPHA, "targets": DEFAULT_TARGETS},
+                     tensors=tensors)
+    saved = load_file(str(path))
+    assert set(saved) == set(tensors) and all(torch.equal(saved[k], tensors[k].cpu()) for k in saved)
+    with pytest.raises(ValueError, match="lora_state_dict"):
+        save_lora(model, tmp_path / "full", {"r": R}, tensors=model.state_dict())
+    assert not (tmp_path / "full").exists()
+
+
 def test_merged_equals_unmerged(tiny_model_dir: Path, batch: dict) -> None:
     model = trained(tiny_model_dir)
     weight = model.model.layers[0].mlp.down_proj.weight.detach().clone()

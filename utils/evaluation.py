@@ -84,6 +84,40 @@ def fields_correct(answers: list[str], references: list[str]) -> float:
     return sum(hits.values()) / max(sum(totals.values()), 1)
 
 
+MISS_KINDS: tuple[str, ...] = ("right", "one field wrong", "several fields wrong", "extra text", "wrong kind",
+                               "no ticket")
+
+
+def wrong_fields(answer: str, reference: str) -> list[str]:
+    """The reference's fields (``kind`` included) that the answer lacks or gives another value, in reference order."""
+    got = parse_ticket(answer)
+    return [key for key, value in parse_ticket(reference).items() if got.get(key) != value]
+
+
+def miss_kind(answer: str, reference: str) -> str:
+    """How an answer misses its reference, one of :data:`MISS_KINDS`.
+
+    ``right``: equal after stripping whitespace. ``no ticket``: not a line of a known kind (ORDER, BOOK, FIX).
+    ``wrong kind``: a ticket of another kind. ``one field wrong`` / ``several fields wrong``: the right kind with
+    that many fields missing or with another value. ``extra text``: every field right, but more besides.
+    """
+    if answer.strip() == reference.strip():
+        return "right"
+    got = parse_ticket(answer).get(KIND)
+    if got not in HOUSE_FORMAT:
+        return "no ticket"
+    if got != parse_ticket(reference).get(KIND):
+        return "wrong kind"
+    wrong = len(wrong_fields(answer, reference))
+    return "extra text" if wrong == 0 else "one field wrong" if wrong == 1 else "several fields wrong"
+
+
+def miss_counts(answers: list[str], references: list[str]) -> dict[str, int]:
+    """How many answers fall in each of :data:`MISS_KINDS` (every kind present, zeros included)."""
+    kinds = [miss_kind(a, r) for a, r in zip(answers, references)]
+    return {kind: kinds.count(kind) for kind in MISS_KINDS}
+
+
 def per_category(conversations: list[Conversation], answers: list[Generation],
                  categories: list[str]) -> dict[str, dict[str, float]]:
     """Exact match, ROUGE-L and stop rate for each category, with its number of conversations ``n``."""

@@ -109,11 +109,14 @@ def expected_lora_parameters(model: nn.Module, r: int, targets: dict[str, list[b
     return counts
 
 
-def save_lora(model: nn.Module, folder: Path, meta: dict[str, Any], base_path: str | Path | None = None) -> Path:
+def save_lora(model: nn.Module, folder: Path, meta: dict[str, Any], base_path: str | Path | None = None,
+              tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write only the LoRA tensors (safetensors) and ``meta`` (r, alpha, targets, ...) as JSON; returns the file.
 
-    The folder is written aside and swapped in whole (``utils.atomic``), with ``base_model.json`` recording the base
-    (``base_path``, default the folder the model was loaded from) so that loading onto another base is caught.
+    ``tensors`` is what ``lora.lora_state_dict(model)`` returns (taken from ``model`` when not given); anything but
+    ``lora_A``/``lora_B`` tensors is refused. The folder is written aside and swapped in whole (``utils.atomic``),
+    with ``base_model.json`` recording the base (``base_path``, default the folder the model was loaded from) so
+    that loading onto another base is caught.
     """
     from safetensors.torch import save_file
 
@@ -122,7 +125,12 @@ def save_lora(model: nn.Module, folder: Path, meta: dict[str, Any], base_path: s
 
     folder = Path(folder)
     base_path = base_path or getattr(model, "name_or_path", None)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora.lora_state_dict(model).items()}
+    tensors = lora.lora_state_dict(model) if tensors is None else tensors
+    other = [k for k in tensors if ".lora_A" not in k and ".lora_B" not in k]
+    if other:
+        raise ValueError(f"save_lora writes LoRA tensors only, but got {len(other)} others (e.g. {other[0]}): "
+                         "pass lora.lora_state_dict(model), not model.state_dict()")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_folder(folder) as staging:
         save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": "pt", "library": "loralib"})
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -20,19 +20,37 @@ def save(fig: Figure, name: str) -> Path:
     return path
 
 
-def pipeline_diagram() -> Figure:
-    """The series as a row of boxes: which chapter produces what the next one reads."""
-    steps = ["00 setup\nminiature base", "01 data\nsplits", "02 LoRA\nloralib", "03 LoRA\npeft + TRL",
-             "04 QLoRA\n4-bit NF4", "05 inference\nadapters", "06 evaluation\nresults.json"]
-    fig, ax = plt.subplots(figsize=(11, 1.6))
-    for i, label in enumerate(steps):
-        ax.add_patch(plt.Rectangle((i * 1.5, 0), 1.2, 1, fc="#dbe9f6" if i != 4 else "#fde2c8", ec="#345"))
-        ax.text(i * 1.5 + 0.6, 0.5, label, ha="center", va="center", fontsize=8.5)
-        if i < len(steps) - 1:
-            ax.annotate("", xy=(i * 1.5 + 1.5, 0.5), xytext=(i * 1.5 + 1.2, 0.5),
+# The series in reading order: (chapter number, title, what it hands on). Chapter 09 is the capstone.
+SERIES: tuple[tuple[str, str, str], ...] = (
+    ("00", "setup", "miniature base"), ("01", "data", "splits"), ("02", "LoRA", "loralib"),
+    ("03", "LoRA", "peft + TRL"), ("04", "QLoRA", "4-bit NF4"), ("05", "inference", "adapters, merges"),
+    ("06", "evaluation", "results.json"), ("07", "deployment", "ONNX, GGUF"),
+    ("08", "learning and", "forgetting"), ("09", "your own task", "capstone"))
+
+
+def pipeline_diagram(per_row: int = 5) -> Figure:
+    """The series as rows of boxes in reading order, ``per_row`` to a row; QLoRA and the capstone highlighted."""
+    rows = -(-len(SERIES) // per_row)
+    fig, ax = plt.subplots(figsize=(11, 1.25 * rows + 0.1))
+    width, gap, height, row_gap = 1.5, 0.45, 0.8, 0.45
+    fill = {"04": "#fde2c8", "09": "#d5ecd4"}
+    for i, (number, title, hands_on) in enumerate(SERIES):
+        row, col = divmod(i, per_row)
+        x, y = col * (width + gap), -row * (height + row_gap)
+        ax.add_patch(plt.Rectangle((x, y), width, height, fc=fill.get(number, "#dbe9f6"), ec="#345"))
+        ax.text(x + width / 2, y + height / 2, f"{number} {title}\n{hands_on}", ha="center", va="center", fontsize=9)
+        if i == len(SERIES) - 1:
+            continue
+        if col < per_row - 1:
+            ax.annotate("", xy=(x + width + gap, y + height / 2), xytext=(x + width, y + height / 2),
                         arrowprops={"arrowstyle": "->", "color": "#345"})
-    ax.set_xlim(-0.1, len(steps) * 1.5 - 0.2)
-    ax.set_ylim(-0.1, 1.1)
+        else:  # last box of a row: down into the gap, back left, and down into the next row's first box
+            mid = y - row_gap / 2
+            ax.plot([x + width / 2, x + width / 2, width / 2], [y, mid, mid], color="#345", lw=1)
+            ax.annotate("", xy=(width / 2, y - row_gap), xytext=(width / 2, mid),
+                        arrowprops={"arrowstyle": "->", "color": "#345", "shrinkA": 0, "shrinkB": 0})
+    ax.set_xlim(-0.1, per_row * (width + gap) - gap + 0.1)
+    ax.set_ylim(-(rows - 1) * (height + row_gap) - 0.1, height + 0.1)
     ax.axis("off")
     return fig
 
