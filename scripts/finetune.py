@@ -409,11 +409,12 @@ def train(args: argparse.Namespace, model: str, miniature: bool, output_dir: Pat
         # rule, so FSDP keeps TRL's defaults.
         from peft import prepare_model_for_kbit_training
 
-        from utils.quantization import keep_4bit_layers_trainable, qlora_precision
-
-        keep_4bit_layers_trainable(base)  # bitsandbytes' CPU inference repacking would cut the backward pass
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=training["gradient_checkpointing"])
-        callbacks.append(qlora_precision())  # fp32 adapter weights: TRL's bf16 ones round late updates away
+        if hardware.device == "cpu":  # chapter 04's CPU-only workarounds; a GPU run is the plain recipe
+            from utils.quantization import keep_4bit_layers_trainable, qlora_precision
+
+            keep_4bit_layers_trainable(base)  # bitsandbytes' CPU inference repacking would cut the backward pass
+            callbacks.append(qlora_precision())  # fp32 adapter: on a CPU, TRL's bf16 one rounds late updates away
     print(f"rank {rank}/{world_size} ready: {args.method} on {base.device}"
           f"{' (FSDP)' if fsdp else ' (DDP)' if world_size > 1 else ''}", flush=True)
 

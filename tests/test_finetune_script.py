@@ -147,8 +147,8 @@ def test_hub_ids_are_not_mistaken_for_missing_folders(monkeypatch: pytest.Monkey
 
 
 def test_qlora_script_trains_exactly_as_chapter_04(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`finetune.py --method qlora` and chapter 04's cells (4-bit base kept trainable, prepare_model_for_kbit_training,
-    fp32 adapter) give the same losses step for step, and the saved adapter is fp32."""
+    """`finetune.py --method qlora` and chapter 04's cells (prepare_model_for_kbit_training, SFTTrainer, then the CPU
+    cell: 4-bit layers kept trainable, fp32 adapter) give the same losses step for step, and the saved adapter is fp32."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from safetensors import safe_open
@@ -157,7 +157,7 @@ def test_qlora_script_trains_exactly_as_chapter_04(tiny_model_dir: Path, tmp_pat
 
     from utils.data import load_chat_jsonl
     from utils.models import hardware_report
-    from utils.quantization import keep_4bit_layers_trainable, qlora_precision
+    from utils.quantization import cast_trainable, keep_4bit_layers_trainable
     from utils.training import peft_config, to_dataset, training_config
 
     steps = 6
@@ -182,7 +182,6 @@ def test_qlora_script_trains_exactly_as_chapter_04(tiny_model_dir: Path, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=bnb, dtype=hw.dtype,
                                                  device_map="cpu")
     model.config.use_cache = False
-    keep_4bit_layers_trainable(model)
     settings = training_config(hw, miniature=True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings["gradient_checkpointing"])
     args = SFTConfig(**{**settings, "max_steps": steps, "logging_steps": 1}, output_dir=str(tmp_path / "ch04"),
@@ -190,7 +189,9 @@ def test_qlora_script_trains_exactly_as_chapter_04(tiny_model_dir: Path, tmp_pat
                      dataloader_pin_memory=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=to_dataset(load_chat_jsonl(train)),
                          eval_dataset=to_dataset(load_chat_jsonl(test)), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-                         peft_config=LoraConfig(**peft_config(miniature=True)), callbacks=[qlora_precision()])
+                         peft_config=LoraConfig(**peft_config(miniature=True)))
+    keep_4bit_layers_trainable(trainer.model)  # chapter 04's "CPU only" cell
+    cast_trainable(trainer.model, torch.float32)
     trainer.train()
     chapter_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(script_losses) == len(chapter_losses) == steps

@@ -122,3 +122,50 @@ def test_merges_are_saved_in_the_training_dtype(tiny_model_dir: Path, qlora_adap
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
     out = merge_adapter_into_full_precision(str(tiny_model_dir), adapter, tmp_path / "fp32", dtype=torch.float32)
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.float32
+
+
+def test_cast_trainable_casts_only_the_adapter(qlora_adapter: tuple[Path, object], tiny_model_dir: Path) -> None:
+    """Chapter 04's CPU cell: TRL's bf16 adapter back to fp32, the frozen base untouched."""
+    from utils.quantization import cast_trainable, trainable_dtypes
+
+    adapter, _ = qlora_adapter
+    model = load_adapter(adapter, str(tiny_model_dir), quantized=True)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    cast_trainable(model, torch.bfloat16)
+    assert trainable_dtypes(model) == ["bfloat16"]
+    assert cast_trainable(model, torch.float32) == ["bfloat16"] and trainable_dtypes(model) == ["float32"]
+    assert {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
+def test_a_4bit_merge_after_cpu_repacking_scrambles_the_weights(qlora_adapter: tuple[Path, object],
+                                                                 tiny_model_dir: Path) -> None:
+    """The catastrophic row of chapter 04's merge table: peft's 4-bit merge reads bitsandbytes' CPU inference layout
+    as the standard one. A plain 4-bit merge only re-rounds the update; after the repacking the weights are wrong,
+    and undoing the repacking first (keep_4bit_layers_trainable) avoids it."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    from utils.quantization import keep_4bit_layers_trainable, repack_for_cpu_inference
+
+    adapter, _ = qlora_adapter
+    name = "model.layers.0.mlp.gate_up_proj"
+
+    def merged_weight(repack: bool, undo: bool = False) -> torch.Tensor:
+        model = load_adapter(adapter, str(tiny_model_dir), quantized=True)
+        if repack:
+            assert repack_for_cpu_inference(model) > 0 and cpu_packed_layers(model) > 0
+        if undo:
+            keep_4bit_layers_trainable(model)
+            assert cpu_packed_layers(model) == 0
+        weight = model.merge_and_unload().get_submodule(name).weight
+        return dequantize_4bit(weight.data, weight.quant_state).float()
+
+    reference = load_adapter(adapter, str(tiny_model_dir), quantized=False).merge_and_unload()
+    exact = reference.get_submodule(name).weight.float()
+    scale = (exact.abs().mean()).item()
+    plain, scrambled = merged_weight(False), merged_weight(True)
+    assert (plain - exact).abs().mean().item() < 0.2 * scale  # NF4 rounding only
+    assert (scrambled - exact).abs().mean().item() > 3 * (plain - exact).abs().mean().item()
+    undone = merged_weight(True, undo=True)  # the inverse is bitsandbytes' best effort: scales went through bf16
+    assert (undone - exact).abs().mean().item() < 1.5 * (plain - exact).abs().mean().item()

@@ -1,12 +1,16 @@
 """QLoRA helpers: the 4-bit NF4 config, measured memory, a training callback that keeps QLoRA honest, and merging.
 
-Two traps this module works around (chapter 04 shows the evidence):
+Two CPU-only traps this module works around (chapter 04 applies both in one cell, only on a CPU; docs/BUILD_NOTES.md
+has the evidence). On a GPU neither applies and chapter 04 runs the plain recipe.
 
 - On a CPU with AVX512-BF16, bitsandbytes silently repacks a 4-bit layer's weights for fast inference the first time
   it runs in eval mode without gradients. From then on every call, training included, goes through a bf16 kernel
-  that has no backward pass: gradients stop flowing through the frozen 4-bit layers and QLoRA stalls.
-- TRL's ``SFTTrainer`` casts the LoRA weights of a quantized model to bf16; with bf16's 8-bit mantissa most late,
-  small optimizer updates round away to nothing.
+  that has no backward pass: gradients stop flowing through the frozen 4-bit layers and QLoRA stalls
+  (``keep_4bit_layers_trainable``). peft's 4-bit merge also misreads the repacked layout
+  (``repack_for_cpu_inference`` reproduces that state on any CPU).
+- TRL's ``SFTTrainer`` casts the LoRA weights of a quantized model to bf16, the QLoRA paper's choice for bf16 GPUs.
+  A CPU run computes in fp32, and with bf16's 8-bit mantissa most late, small optimizer updates round away to
+  nothing (``cast_trainable`` after building the trainer, or the ``qlora_precision`` callback).
 """
 
 from __future__ import annotations
@@ -124,6 +128,25 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> int:
     return touched
 
 
+def repack_for_cpu_inference(model: torch.nn.Module) -> int:
+    """Repack every 4-bit layer as bitsandbytes does on a CPU with AVX512-BF16 at its first evaluation; returns layers.
+
+    Reproduces, on any machine, the state a CPU evaluation leaves behind, so that what it breaks can be shown
+    everywhere: peft's ``merge_and_unload`` on such a model reads the repacked codes and the transposed bf16 block
+    scales as if they were in the standard layout, and merges into scrambled weights. Only the layout changes here
+    (pure torch); nothing is computed with the repacked weights.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    repacked = 0
+    for module in model.modules():
+        if is_4bit_layer(module) and not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu(module.weight.data,
+                                                                                           module.weight.quant_state)
+            repacked += 1
+    return repacked
+
+
 def cpu_packed_layers(model: torch.nn.Module) -> int:
     """How many 4-bit layers bitsandbytes has repacked for CPU inference (0 once ``keep_4bit_layers_trainable`` ran)."""
     return sum(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -153,6 +176,19 @@ def trainable_dtypes(model: torch.nn.Module) -> list[str]:
     return sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
 
 
+def cast_trainable(model: torch.nn.Module, dtype: torch.dtype) -> list[str]:
+    """Cast the parameters that will be trained (the adapter) to ``dtype``; returns their dtypes before the cast.
+
+    Call it after ``SFTTrainer(...)`` and before ``train()``: the optimizer is created by ``train()``, so its state
+    follows the new dtype.
+    """
+    before = trainable_dtypes(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    return before
+
+
 def qlora_precision(adapter_dtype: torch.dtype | None = torch.float32, keep_trainable: bool = True) -> Any:
     """A ``TrainerCallback`` that, once the trainer is built, sets the adapter's dtype and keeps 4-bit layers trainable.
 
@@ -172,9 +208,7 @@ def qlora_precision(adapter_dtype: torch.dtype | None = torch.float32, keep_trai
             if keep_trainable:
                 keep_4bit_layers_trainable(model)
             if adapter_dtype is not None:
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.data = p.data.to(adapter_dtype)
+                cast_trainable(model, adapter_dtype)
             self.dtypes = trainable_dtypes(model)
             return control
 
