@@ -70,7 +70,7 @@ site: $(SITE_STAMP)
 	$(PY) scripts/build_site.py
 
 test-site: $(SITE_STAMP)
-	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -q
+	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -m site -q
 
 catch-up-results: env
 	$(PY) scripts/run_series.py --only 01 02 03 04

@@ -31,6 +31,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = [
+    pytest.mark.site,  # make test-site runs these (after installing requirements-site.txt); make test leaves them out
     pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium; "
                                                 ".ci/run installs it)"),
     pytest.mark.skipif(not (Path(sys.executable).parent / "jupyter-book").exists(),
