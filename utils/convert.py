@@ -118,15 +118,21 @@ def _role(name: Any, roles: dict[str, str], key: str, i: int) -> str:
     return roles[name.strip().lower()]
 
 
+def _turns(obj: dict, field: str, fmt: str) -> list:
+    """The record's list of turns under ``field``; :class:`RecordError` when it is missing, not a list or empty."""
+    if field not in obj:
+        raise RecordError(f'missing field "{field}"' + _fields_hint(obj, fmt))
+    turns = obj[field]
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(f'"{field}" must be a non-empty list'
+                          + ("" if isinstance(turns, list) else f", got {type(turns).__name__}"))
+    return turns
+
+
 def from_sharegpt(record: Any) -> list[dict]:
     """A ShareGPT record: ``conversations`` turns with ``from`` (human, gpt, system) and ``value``."""
     obj = _object(record, 'a "conversations" list')
-    if "conversations" not in obj:
-        raise RecordError('missing field "conversations"' + _fields_hint(obj, "sharegpt"))
-    turns = obj["conversations"]
-    if not isinstance(turns, list) or not turns:
-        raise RecordError('"conversations" must be a non-empty list'
-                          + ("" if isinstance(turns, list) else f", got {type(turns).__name__}"))
+    turns = _turns(obj, "conversations", "sharegpt")
     messages = []
     if isinstance(obj.get("system"), str) and obj["system"].strip():
         messages.append({"role": "system", "content": obj["system"]})
@@ -159,12 +165,7 @@ def _openai_content(content: Any, i: int) -> str:
 def from_openai(record: Any) -> list[dict]:
     """An OpenAI chat record: ``messages`` with roles system/developer, user, assistant; text content only."""
     obj = _object(record, 'a "messages" list')
-    if "messages" not in obj:
-        raise RecordError('missing field "messages"' + _fields_hint(obj, "openai"))
-    messages = obj["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RecordError('"messages" must be a non-empty list'
-                          + ("" if isinstance(messages, list) else f", got {type(messages).__name__}"))
+    messages = _turns(obj, "messages", "openai")
     out = []
     for i, msg in enumerate(messages, start=1):
         if not isinstance(msg, dict) or "role" not in msg:
