@@ -47,6 +47,11 @@ def math(tex: str, block: bool) -> str:
     return f'<div class="math">{rendered}</div>' if block else rendered
 
 
+
+# MyST node kinds that become one HTML element around their children, and nothing more.
+WRAPPED = {"tableRow": "tr", "blockquote": "blockquote", "details": "details", "summary": "summary",
+           "container": "figure", "caption": "figcaption", "legend": "figcaption"}
+
 class Site:
     """The pages, their slugs and where their sources live, from the content server's config.json."""
 
@@ -194,10 +199,11 @@ class Renderer:
                 box = "&#9745; " if node["checked"] else "&#9744; "
                 return f"<li>{box}{inner(node)}</li>"
             return f"<li>{inner(node)}</li>"
+        if kind in WRAPPED:
+            tag = WRAPPED[kind]
+            return f"<{tag}>{inner(node)}</{tag}>"
         if kind == "table":
             return f'<div class="table"><table>{inner(node)}</table></div>'
-        if kind == "tableRow":
-            return f"<tr>{inner(node)}</tr>"
         if kind == "tableCell":
             tag = "th" if node.get("header") else "td"
             align = f' style="text-align:{esc(node["align"])}"' if node.get("align") else ""
@@ -206,21 +212,11 @@ class Renderer:
             return "<hr>"
         if kind == "break":
             return "<br>"
-        if kind == "blockquote":
-            return f"<blockquote>{inner(node)}</blockquote>"
         if kind == "admonition":
             css = esc(node.get("kind", "note"))
             return f'<aside class="admonition {css}">{inner(node)}</aside>'
         if kind == "admonitionTitle":
             return f'<p class="admonition-title">{inner(node)}</p>'
-        if kind == "details":
-            return f"<details>{inner(node)}</details>"
-        if kind == "summary":
-            return f"<summary>{inner(node)}</summary>"
-        if kind == "container":
-            return f"<figure>{inner(node)}</figure>"
-        if kind in ("caption", "legend"):
-            return f"<figcaption>{inner(node)}</figcaption>"
         if kind in ("math", "inlineMath"):
             return math(node.get("value", ""), block=kind == "math")
         if kind == "html":
