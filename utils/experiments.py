@@ -6,8 +6,13 @@ function; :func:`run_experiment` calls it on a fresh copy of the base and does t
 trainable parameters, weigh the saved adapter, score the new task and the base's held-out general skills, and
 cache the measurements so that an interrupted grid resumes where it stopped.
 
-- ``PHI3_LAB_EXPERIMENTS``: ``reduced`` (default: two runs, about a minute on 2 CPU cores) or ``full`` (the
-  whole grid, ``make experiments``).
+- ``PHI3_LAB_EXPERIMENTS``: ``reduced`` (default: four short runs, one seed) or ``full`` (the whole grid,
+  three seeds for the methods the conclusions rest on, ``make experiments``). On a model other than the miniature
+  (``PHI3_MODEL_ID``) the full grid is :func:`t4_grid`, sized for a free Colab T4.
+
+Forgetting is compared the way Biderman et al. (2024, "LoRA Learns Less and Forgets Less") compare it: each method's
+learning-rate sweep traces a curve of forgetting against learning, and :func:`equal_learning` reads every curve at
+the same task score. :func:`findings` turns the runs into the verdicts the chapter prints.
 """
 
 from __future__ import annotations
@@ -84,11 +89,22 @@ class Run:
         """The method's short name: ``full FT``, ``LoRA``, ``DoRA``, ``rsLoRA``, ``PiSSA``, ``OLoRA``, ``LoRA+``."""
         if self.method == "full":
             return "full FT"
+        init = "pissa" if str(self.init).startswith("pissa") else str(self.init)  # pissa_niter_4: the fast SVD
         inits = {"pissa": "PiSSA", "olora": "OLoRA"}
         names = [n for flag, n in ((self.use_dora, "DoRA"), (self.use_rslora, "rsLoRA"),
-                                   (self.init in inits, inits.get(str(self.init), "")),
+                                   (init in inits, inits.get(init, "")),
                                    (self.loraplus_ratio is not None, "LoRA+")) if flag]
         return "+".join(names) or "LoRA"
+
+    @property
+    def label(self) -> str:
+        """The method with its shape where it differs from rank 16 on all linear layers: ``LoRA``, ``LoRA r4``,
+        ``LoRA MLP``, ``full FT``. Runs of one label at several rates and seeds form one sweep."""
+        if self.method == "full":
+            return "full FT"
+        shape = ([f"r{self.rank}"] if self.rank != 16 else []) + (
+            [TARGET_NAMES.get(self.targets, "+".join(self.targets))] if self.targets != ALL_LINEAR else [])
+        return " ".join([self.variant, *shape])
 
     @property
     def name(self) -> str:
@@ -97,7 +113,7 @@ class Run:
             core = "full FT"
         else:
             core = f"{self.variant} r{self.rank} {TARGET_NAMES.get(self.targets, '+'.join(self.targets)).replace(' ', '-')}"
-        return f"{core} lr {rate(self.learning_rate)} {self.epochs:g}ep"
+        return f"{core} lr {rate(self.learning_rate)} {self.epochs:g}ep" + (f" seed {self.seed}" if self.seed != 42 else "")
 
     def as_dict(self) -> dict[str, Any]:
         """The run's settings as JSON-ready values (targets as a list or ``all-linear``)."""
@@ -139,23 +155,42 @@ def split_validation(train_rows: list[dict], n_validation: int) -> tuple[list[di
     return train_rows[:-n_validation], train_rows[-n_validation:]
 
 
-def measure(model: Any, tokenizer: Any, data: ExperimentData, validation: bool = True) -> dict[str, float]:
-    """New-task exact match and loss (test, and validation), general-skills exact match and loss, of one model.
+# The skills are answered with up to 24 new tokens: the base's answers need at most 16, and a fine-tune that switches
+# to the house format (``FIX | item: sink | ...``) needs the extra room to show whether the content survived.
+SKILLS_MAX_NEW_TOKENS = 24
+# Bumped whenever what measure() records changes, so that cached runs measured the old way are measured again.
+MEASURE_VERSION = 2
 
-    Skills are answered in the base's pre-training format with 16 new tokens at most, as the build measured them.
+
+def content_scores(data: ExperimentData, answers: Sequence[str]) -> list[bool]:
+    """Per skills question: does the answer hold the right content in any format (:func:`utils.skills.content_match`)?"""
+    from utils.skills import content_match
+
+    return [content_match(skill, conv[0]["content"], conv[-1]["content"], answer)
+            for skill, conv, answer in zip(data.skill_names, data.skills, answers)]
+
+
+def measure(model: Any, tokenizer: Any, data: ExperimentData, validation: bool = True) -> dict[str, Any]:
+    """New-task exact match and loss (test, and validation), general-skills exact match, content match and loss.
+
+    The skills' answers are kept (``skills_answers``): they show what a forgotten answer became, and let the content
+    check (right content in any format) be scored again without training.
     """
     from utils.metrics import assistant_loss, evaluate_generation
 
     task, _ = evaluate_generation(model, tokenizer, data.test)
-    skills, _ = evaluate_generation(model, tokenizer, data.skills, max_new_tokens=16)
-    scores = {"task_exact_match": task["exact_match"], "task_loss": assistant_loss(model, tokenizer, data.test),
-              "skills_exact_match": skills["exact_match"],
-              "skills_loss": assistant_loss(model, tokenizer, data.skills)}
+    skills, answers = evaluate_generation(model, tokenizer, data.skills, max_new_tokens=SKILLS_MAX_NEW_TOKENS)
+    texts = [a.text for a in answers]
+    content = content_scores(data, texts)
+    scores: dict[str, Any] = {
+        "task_exact_match": task["exact_match"], "task_loss": assistant_loss(model, tokenizer, data.test),
+        "skills_exact_match": skills["exact_match"], "skills_content_match": sum(content) / max(len(content), 1),
+        "skills_loss": assistant_loss(model, tokenizer, data.skills)}
     if validation:
         val, _ = evaluate_generation(model, tokenizer, data.validation)
         scores |= {"validation_exact_match": val["exact_match"],
                    "validation_loss": assistant_loss(model, tokenizer, data.validation)}
-    return scores
+    return scores | {"skills_answers": texts}
 
 
 def measure_base(data: ExperimentData, cache_dir: Path | None = None,
@@ -197,9 +232,14 @@ def read_cache_file(path: Path) -> dict[str, Any] | None:
 
 
 def forgetting(base: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """How much of the base's general skills a run lost: exact-match drop and loss rise (0 = nothing forgotten)."""
-    return {"forgetting_exact_match": base["skills_exact_match"] - after["skills_exact_match"],
+    """How much of the base's general skills a run lost (0 = nothing forgotten): the drop in exact match, the drop
+    in content match (right content in any format: what is left once format switching is forgiven), and the rise
+    in loss on the base's own answers."""
+    lost = {"forgetting_exact_match": base["skills_exact_match"] - after["skills_exact_match"],
             "forgetting_loss": after["skills_loss"] - base["skills_loss"]}
+    if "skills_content_match" in base and "skills_content_match" in after:
+        lost["forgetting_content"] = base["skills_content_match"] - after["skills_content_match"]
+    return lost
 
 
 def files_bytes(folder: Path) -> int:
@@ -226,7 +266,8 @@ def _data_key(data: ExperimentData) -> dict[str, Any]:
     from utils.adapters import base_fingerprint
 
     # The weights' fingerprint, not only the path: after a rebuild of the base, cached runs must not be reused.
-    return {"model": shown, "base_fingerprint": base_fingerprint(data.model_path), "n_train": len(data.train_rows),
+    return {"model": shown, "base_fingerprint": base_fingerprint(data.model_path), "measure": MEASURE_VERSION,
+            "n_train": len(data.train_rows),
             "n_validation": len(data.validation), "n_test": len(data.test), "n_skills": len(data.skills),
             **({"max_steps": config.max_steps()} if config.max_steps() else {})}  # a short run is cached apart
 
@@ -267,9 +308,15 @@ def run_experiment(run: Run, make_trainer: TrainerFactory, data: ExperimentData,
     trainer.save_model(str(scratch / "saved"))
     size = files_bytes(scratch / "saved")
     scores = measure(trainer.model, data.tokenizer, data)
-    record = {"name": run.name, "variant": run.variant, "run": run.as_dict(), "data": _data_key(data),
+    steps = trainer.state.global_step
+    del trainer, model  # one model at a time: on a GPU the next run's fresh base must not sit beside this one
+    from utils.models import release_memory
+
+    release_memory()
+    record = {"name": run.name, "variant": run.variant, "label": run.label, "run": run.as_dict(),
+              "data": _data_key(data),
               **scores, **forgetting(base, scores), "trainable_parameters": trainable, "total_parameters": total,
-              "saved_bytes": size, "train_seconds": round(wall, 1), "steps": trainer.state.global_step,
+              "saved_bytes": size, "train_seconds": round(wall, 1), "steps": steps,
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     shutil.rmtree(scratch, ignore_errors=True)
     atomic_write_json(_cache_path(run, cache_dir), record)
@@ -284,52 +331,262 @@ def best_run(records: Sequence[dict[str, Any]], variant: str) -> dict[str, Any]:
     return max(mine, key=lambda r: (r["validation_exact_match"], -r["validation_loss"]))
 
 
-def sweep(run: Run, rates: Sequence[float]) -> list[Run]:
-    """The same run at each learning rate."""
-    return [replace(run, learning_rate=lr) for lr in rates]
+def sweep(run: Run, rates: Sequence[float], seeds: Sequence[int] = (42,)) -> list[Run]:
+    """The same run at each learning rate (and each seed)."""
+    return [replace(run, learning_rate=lr, seed=seed) for lr in rates for seed in seeds]
 
 
-# Each method's own learning-rate sweep, three rates a factor of 4 apart. LoRA's middle rate is chapter 03's 8e-3;
-# rsLoRA scales the update by alpha/sqrt(r) instead of alpha/r (4x larger at r=16), PiSSA starts from the weights'
-# principal directions and LoRA+ moves B 16x faster, so their sweeps sit lower; full fine-tuning's lower still
-# (TRL's "LoRA Without Regret": LoRA's best rate is about 10x full fine-tuning's).
-VARIANTS: dict[str, tuple[Run, tuple[float, ...]]] = {
-    "LoRA": (Run(), (2e-3, 8e-3, 3.2e-2)),
-    "DoRA": (Run(use_dora=True), (2e-3, 8e-3, 3.2e-2)),
-    "rsLoRA": (Run(use_rslora=True), (5e-4, 2e-3, 8e-3)),
-    "PiSSA": (Run(init="pissa"), (5e-4, 2e-3, 8e-3)),
-    "LoRA+": (Run(loraplus_ratio=16.0), (5e-4, 2e-3, 8e-3)),
-    "full FT": (Run(method="full"), (2.5e-4, 1e-3, 4e-3)),
+SEEDS = (42, 43, 44)
+# The methods the conclusions rest on, each at every rate of its own sweep with three seeds. A sweep runs from a rate
+# that learns little (and forgets little) past the rate that learns most, so that every method's curve of forgetting
+# against learning covers the same task scores. Rates are a factor of 4 apart. LoRA's third rate is chapter 03's
+# 8e-3; PiSSA's sweep reaches 3.2e-2, since its best rate sat at the top of a sweep ending at 8e-3; full fine-tuning's
+# sits about 8x lower (TRL's "LoRA Without Regret": LoRA's best rate is about 10x full fine-tuning's).
+CORE: dict[str, tuple[Run, tuple[float, ...]]] = {
+    "LoRA": (Run(), (1.25e-4, 5e-4, 2e-3, 8e-3)),
+    "PiSSA": (Run(init="pissa"), (1.25e-4, 5e-4, 2e-3, 8e-3, 3.2e-2)),
+    "full FT": (Run(method="full"), (1.6e-5, 6.25e-5, 2.5e-4, 1e-3)),
 }
-RANKS = (1, 4, 16, 64)
-TARGETS = (ATTENTION, MLP, ALL_LINEAR)
+# The other variants and ranks: one seed each, read against the spread of the three-seed sweeps above.
+OTHERS: dict[str, tuple[Run, tuple[float, ...]]] = {
+    "DoRA": (Run(use_dora=True), (5e-4, 2e-3, 8e-3)),
+    "rsLoRA": (Run(use_rslora=True), (1.25e-4, 5e-4, 2e-3)),
+    "LoRA+": (Run(loraplus_ratio=16.0), (3.1e-5, 1.25e-4, 5e-4)),
+    "LoRA r4": (Run(rank=4), (5e-4, 2e-3, 8e-3)),
+    "LoRA r64": (Run(rank=64), (1.25e-4, 5e-4, 2e-3)),
+}
+# The default grid (what `make test` runs): LoRA and full fine-tuning, two rates each, one seed, a short budget.
+REDUCED: dict[str, tuple[Run, tuple[float, ...]]] = {
+    "LoRA": (Run(), (2e-3, 8e-3)),
+    "full FT": (Run(method="full"), (2.5e-4, 1e-3)),
+}
+# On the real Phi-3 Mini (PHI3_MODEL_ID), sized for a free Colab T4: LoRA and PiSSA at rank 16, three rates, one
+# seed, one epoch (PiSSA's SVD with peft's fast "pissa_niter_4"). Full fine-tuning of 3.8 B parameters does not fit.
+T4: dict[str, tuple[Run, tuple[float, ...]]] = {
+    "LoRA": (Run(), (5e-5, 2e-4, 8e-4)),
+    "PiSSA": (Run(init="pissa_niter_4"), (5e-5, 2e-4, 8e-4)),
+}
 
 
-def reduced_grid(epochs: float = 4.0) -> list[Run]:
-    """The default, CI-sized grid: LoRA at chapter 03's settings and full fine-tuning at its middle rate."""
-    return [replace(VARIANTS["LoRA"][0], epochs=epochs), replace(VARIANTS["full FT"][0], learning_rate=1e-3,
-                                                                  epochs=epochs)]
+def grid(mode: str, miniature: bool = True, epochs: float | None = None) -> list[Run]:
+    """The runs of a grid: ``reduced`` (default), ``full`` (the miniature's, three seeds for :data:`CORE`) or, on
+    another model, the T4 grid. ``epochs`` overrides each grid's own budget."""
+    if mode not in MODES:
+        raise ValueError(f"grid mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "reduced":
+        plan, seeds, budget = [(REDUCED, (42,))], None, epochs or REDUCED_EPOCHS
+    elif not miniature:
+        plan, budget = [(T4, (42,))], epochs or T4_EPOCHS
+    else:
+        plan, budget = [(CORE, SEEDS), (OTHERS, (42,))], epochs or FULL_EPOCHS
+    return [r for methods, seeds in plan for run, rates in methods.values()
+            for r in sweep(replace(run, epochs=budget), rates, seeds)]
 
 
-def sweep_grid(epochs: float = 4.0) -> list[Run]:
-    """Stage 1 of the full grid: every variant at each of its own learning rates."""
-    return [r for run, rates in VARIANTS.values() for r in sweep(replace(run, epochs=epochs), rates)]
+FULL_EPOCHS, REDUCED_EPOCHS, T4_EPOCHS = 2.0, 1.0, 1.0
 
 
-def shape_grid(lora_learning_rate: float, epochs: float = 4.0) -> list[Run]:
-    """Stage 2: LoRA's rank sweep (all linear layers) and target sets (rank 16), at LoRA's best learning rate."""
-    base = Run(learning_rate=lora_learning_rate, epochs=epochs)
-    return list(dict.fromkeys([replace(base, rank=r) for r in RANKS] + [replace(base, targets=t) for t in TARGETS]))
+# --- reading a grid ------------------------------------------------------------------------------------------------
+
+def labels(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The methods of a grid in the order they ran (``LoRA``, ``PiSSA``, ``full FT``, ``LoRA r4``, ...)."""
+    return list(dict.fromkeys(r["label"] for r in records))
+
+
+def seeds_of(records: Sequence[dict[str, Any]], label: str) -> list[int]:
+    """The seeds ``label`` ran with."""
+    return sorted({r["run"]["seed"] for r in records if r["label"] == label})
+
+
+def by_rate(records: Sequence[dict[str, Any]], label: str, key: str) -> dict[float, list[float]]:
+    """``{learning rate: [value of key, one per seed]}`` for one method, rates in increasing order."""
+    out: dict[float, list[float]] = {}
+    for r in sorted((r for r in records if r["label"] == label), key=lambda r: (r["run"]["learning_rate"],
+                                                                             r["run"]["seed"])):
+        out.setdefault(r["run"]["learning_rate"], []).append(r[key])
+    return out
+
+
+def best_rate(records: Sequence[dict[str, Any]], label: str) -> float:
+    """The rate of ``label`` with the highest validation exact match, averaged over seeds (lower mean validation
+    loss breaks ties): chosen on the validation conversations, never on the test split."""
+    em, loss = by_rate(records, label, "validation_exact_match"), by_rate(records, label, "validation_loss")
+    if not em:
+        raise ValueError(f"no run of {label!r} among {labels(records)}")
+    return max(em, key=lambda lr: (sum(em[lr]) / len(em[lr]), -sum(loss[lr]) / len(loss[lr])))
+
+
+def rising_curve(records: Sequence[dict[str, Any]], label: str, seed: int, base: dict[str, float],
+                 forgetting_key: str = "forgetting_exact_match") -> list[tuple[float, float]]:
+    """One seed's sweep as (test exact match, forgetting) points, starting at the untrained base (the limit of a
+    learning rate of 0: the base's own task score, nothing forgotten) and rising with the rate up to the rate that
+    learned most. Rates past it learn less and forget more, another branch; a point that learned no more than the
+    one before it is skipped, so task scores strictly increase and the curve can be read at any score it spans."""
+    mine = sorted((r for r in records if r["label"] == label and r["run"]["seed"] == seed),
+                  key=lambda r: r["run"]["learning_rate"])
+    if not mine:
+        return []
+    peak = max(range(len(mine)), key=lambda i: mine[i]["task_exact_match"])
+    curve = [(base["task_exact_match"], 0.0)]
+    for r in mine[:peak + 1]:
+        if r["task_exact_match"] > curve[-1][0]:
+            curve.append((r["task_exact_match"], r[forgetting_key]))
+    return curve
+
+
+def read_curve(curve: Sequence[tuple[float, float]], level: float) -> float | None:
+    """Forgetting on a curve at task score ``level``, linearly between its points; ``None`` beyond its reach."""
+    if not curve or not curve[0][0] <= level <= curve[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= level <= x1:
+            return y0 + (y1 - y0) * (level - x0) / (x1 - x0)
+    return curve[-1][1]
+
+
+def common_level(records: Sequence[dict[str, Any]], base: dict[str, float], methods: Sequence[str]) -> float:
+    """The highest test exact match that every seed of every method in ``methods`` reached: where all of them can be
+    read at equal learning."""
+    return min(rising_curve(records, m, s, base)[-1][0] for m in methods for s in seeds_of(records, m))
+
+
+def equal_learning(records: Sequence[dict[str, Any]], base: dict[str, float], level: float,
+                   methods: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Each method's forgetting at test exact match ``level``, read off each seed's sweep: mean, min and max over
+    the seeds, for exact match and for content match (format switching forgiven). ``None`` where a method's sweep
+    never reached ``level``."""
+    rows = []
+    for m in methods or labels(records):
+        row: dict[str, Any] = {"method": m, "seeds": len(seeds_of(records, m)), "level": level}
+        for key, short in (("forgetting_exact_match", "exact"), ("forgetting_content", "content")):
+            values = [read_curve(rising_curve(records, m, s, base, key), level) for s in seeds_of(records, m)]
+            got = [v for v in values if v is not None]
+            reached = len(got) == len(values) and bool(got)
+            row |= {f"{short} mean": sum(got) / len(got) if reached else None,
+                    f"{short} min": min(got) if reached else None, f"{short} max": max(got) if reached else None}
+        rows.append(row)
+    return rows
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], short: str = "exact") -> str:
+    """Which of two :func:`equal_learning` rows forgets less, and whether the gap exceeds the seeds' spread (their
+    min-max ranges do not overlap). With one seed on either side there is no spread to compare with."""
+    if a[f"{short} mean"] is None or b[f"{short} mean"] is None:
+        return "not comparable (a sweep did not reach the level)"
+    less, more = (a, b) if a[f"{short} mean"] <= b[f"{short} mean"] else (b, a)
+    if min(a["seeds"], b["seeds"]) < 2:
+        return f"{less['method']} forgets less (one seed: no spread to judge by)"
+    if less[f"{short} max"] < more[f"{short} min"]:
+        return f"{less['method']} forgets less, beyond the seeds' spread"
+    return f"within the seeds' spread ({less['method']} {less[f'{short} mean']:.2f}, {more['method']} " \
+           f"{more[f'{short} mean']:.2f})"
+
+
+def format_switches(records: Sequence[dict[str, Any]], base: dict[str, Any], data: ExperimentData
+                    ) -> dict[str, float]:
+    """Of the skills questions the base answered exactly right, the share each run got wrong (``lost``), and of
+    those the share still right in content (``format switched``: the skill kept, the format changed), averaged over
+    the runs given."""
+    from utils.metrics import exact_match
+
+    refs = [c[-1]["content"] for c in data.skills]
+    right = [i for i, (a, ref) in enumerate(zip(base["skills_answers"], refs)) if exact_match(a, ref)]
+    lost = switched = 0
+    for r in records:
+        content = content_scores(data, r["skills_answers"])
+        gone = [i for i in right if not exact_match(r["skills_answers"][i], refs[i])]
+        lost += len(gone)
+        switched += sum(content[i] for i in gone)
+    asked = max(len(right) * len(records), 1)
+    return {"lost": lost / asked, "format switched": switched / max(lost, 1)}
+
+
+def rate_raises_forgetting(records: Sequence[dict[str, Any]], label: str,
+                           key: str = "forgetting_exact_match") -> bool:
+    """Does the method's forgetting (mean over seeds) rise with the learning rate at every step of its sweep?"""
+    means = [sum(v) / len(v) for v in by_rate(records, label, key).values()]
+    return all(b >= a for a, b in zip(means, means[1:]))
+
+
+# What findings() says, in the order the chapter prints it; the reduced grid shows the first four (the rest need the
+# full grid's seeds and methods, and read "needs the full grid" there).
+SHARED_FINDINGS = ("higher rate, more forgetting", "full FT vs LoRA, equal learning, exact match",
+                   "full FT vs LoRA, equal learning, content", "forgetting that is format switching")
+FULL_FINDINGS = ("PiSSA vs LoRA, equal learning, exact match", "PiSSA vs LoRA, equal learning, content",
+                 "best rate at a sweep's edge", "rank at equal learning")
+
+
+def findings(records: Sequence[dict[str, Any]], base: dict[str, Any], data: ExperimentData) -> dict[str, str]:
+    """The grid's conclusions as short verdicts, computed from its runs: the sentences the chapter prints.
+
+    Comparisons are at equal learning (:func:`equal_learning` at :func:`common_level` of the methods compared), and
+    a difference counts only when it exceeds the seeds' min-max spread (:func:`compare`).
+    """
+    found: dict[str, str] = {}
+    methods = labels(records)
+    rising = [m for m in methods if rate_raises_forgetting(records, m)]
+    found["higher rate, more forgetting"] = ("in every sweep" if len(rising) == len(methods) else
+                                            f"in {len(rising)} of {len(methods)} sweeps (not in "
+                                            f"{', '.join(m for m in methods if m not in rising)})")
+    pairs = [("full FT", "LoRA"), ("PiSSA", "LoRA")]
+    for a, b in pairs:
+        for short, what in (("exact", "exact match"), ("content", "content")):
+            key = f"{a} vs {b}, equal learning, {what}"
+            if a in methods and b in methods:
+                level = common_level(records, base, [a, b])
+                rows = {r["method"]: r for r in equal_learning(records, base, level, [a, b])}
+                found[key] = compare(rows[a], rows[b], short)
+            else:
+                found[key] = "needs the full grid"
+    lora = [r for r in records if r["run"]["method"] == "lora"] or list(records)
+    share = format_switches(lora, base, data)["format switched"]
+    found["forgetting that is format switching"] = ("most of it" if share > 0.5 else "some of it" if share >= 0.1
+                                                   else "little of it")
+    if len(methods) > len(REDUCED):
+        edge = [m for m in methods if best_rate(records, m) in (min(by_rate(records, m, "task_exact_match")),
+                                                              max(by_rate(records, m, "task_exact_match")))]
+        found["best rate at a sweep's edge"] = ", ".join(edge) or "none"
+        ranks = [m for m in ("LoRA r4", "LoRA", "LoRA r64") if m in methods]
+        if len(ranks) > 1:
+            level = common_level(records, base, ranks)
+            rows = equal_learning(records, base, level, ranks)
+            order = sorted((r for r in rows if r["exact mean"] is not None), key=lambda r: r["exact mean"])
+            found["rank at equal learning"] = " < ".join(
+                f"{r['method'].replace('LoRA', 'r16') if r['method'] == 'LoRA' else r['method'].split()[-1]} "
+                f"{r['exact mean']:.2f}" for r in order) + " (forgot, exact match; one seed for r4 and r64)"
+    for key in FULL_FINDINGS:
+        found.setdefault(key, "needs the full grid")
+    return found
+
+
+def forgotten_examples(record: dict[str, Any], base: dict[str, Any], data: ExperimentData, n: int = 4) -> Any:
+    """A small table (pandas) of skills questions the base answered right and ``record`` did not: the question, the
+    base's answer, the fine-tune's, and whether the content survived. One per skill first, so all kinds show."""
+    import pandas as pd
+
+    from utils.metrics import exact_match
+
+    content = content_scores(data, record["skills_answers"])
+    rows, seen = [], []
+    gone = [i for i, conv in enumerate(data.skills) if exact_match(base["skills_answers"][i], conv[-1]["content"])
+            and not exact_match(record["skills_answers"][i], conv[-1]["content"])]
+    firsts = [i for i in gone if data.skill_names[i] not in seen and not seen.append(data.skill_names[i])]
+    for i in (firsts + [i for i in gone if i not in firsts])[:n]:
+        rows.append({"skill": data.skill_names[i], "question": data.skills[i][0]["content"],
+                     "base": base["skills_answers"][i], "after fine-tuning": record["skills_answers"][i],
+                     "content kept": content[i]})
+    return pd.DataFrame(rows)
 
 
 def results_table(records: Sequence[dict[str, Any]]) -> Any:
     """One row per run (pandas): settings, new-task scores, forgetting, cost."""
     import pandas as pd
 
-    rows = [{"run": r["name"], "variant": r["variant"], "lr": r["run"]["learning_rate"],
-             "task EM": r["task_exact_match"], "task loss": r["task_loss"],
+    rows = [{"run": r["name"], "method": r["label"], "lr": r["run"]["learning_rate"], "seed": r["run"]["seed"],
+             "val EM": r["validation_exact_match"], "task EM": r["task_exact_match"], "task loss": r["task_loss"],
              "skills EM": r["skills_exact_match"], "forgot EM": r["forgetting_exact_match"],
-             "skills loss +": r["forgetting_loss"], "trainable": r["trainable_parameters"],
+             "forgot content": r["forgetting_content"], "skills loss +": r["forgetting_loss"],
+             "trainable": r["trainable_parameters"],
              "saved KiB": r["saved_bytes"] / 1024, "train s": r["train_seconds"]} for r in records]
     return pd.DataFrame(rows).set_index("run")
 
@@ -346,8 +603,9 @@ def write_results(path: Path, records: Sequence[dict[str, Any]], base: dict[str,
     return results
 
 
-RATES = ("task_exact_match", "skills_exact_match", "validation_exact_match")
-NUMBERS = RATES + ("task_loss", "skills_loss", "validation_loss", "forgetting_exact_match", "forgetting_loss")
+RATES = ("task_exact_match", "skills_exact_match", "skills_content_match", "validation_exact_match")
+NUMBERS = RATES + ("task_loss", "skills_loss", "validation_loss", "forgetting_exact_match", "forgetting_content",
+                   "forgetting_loss")
 
 
 def check_records(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -378,38 +636,65 @@ def pareto_front(records: Sequence[dict[str, Any]]) -> list[str]:
     return [r["name"] for r in records if not dominated(r)]
 
 
-COLORS = {"LoRA": "#4c72b0", "DoRA": "#55a868", "rsLoRA": "#8172b2", "PiSSA": "#ccb974", "OLoRA": "#ccb974",
-          "LoRA+": "#64b5cd", "full FT": "#c44e52"}
+COLORS = {"LoRA": "#4c72b0", "DoRA": "#55a868", "rsLoRA": "#8172b2", "PiSSA": "#ccb974", "OLoRA": "#937860",
+          "LoRA+": "#64b5cd", "full FT": "#c44e52", "LoRA r4": "#9fb4d8", "LoRA r64": "#1f3a68"}
 
 
-def _scatter(records: Sequence[dict[str, Any]], x_key: str, xlabel: str, title: str, log_x: bool = False) -> Any:
+def learn_vs_forget(records: Sequence[dict[str, Any]], base: dict[str, float], level: float | None = None,
+                    title: str = "learning vs forgetting") -> Any:
+    """Biderman et al.'s picture: forgetting against learning, one line per method through its learning rates (low
+    to high), each point the mean over seeds with min-max bars; left panel exact match, right panel content match
+    (format switching forgiven). A dotted line marks ``level``, where the methods are compared."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for variant in dict.fromkeys(r["variant"] for r in records):
-        mine = [r for r in records if r["variant"] == variant]
-        ax.scatter([r[x_key] for r in mine], [r["task_exact_match"] for r in mine], s=36,
-                   color=COLORS.get(variant, "#777"), label=variant, alpha=0.85, edgecolor="white")
-    ax.set(xlabel=xlabel, ylabel="new task: exact match (test)", title=title, ylim=(-0.03, 1.03))
-    if log_x:
-        ax.set_xscale("log")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points fill every corner
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), sharey=True)
+    for ax, key, what in zip(axes, ("forgetting_exact_match", "forgetting_content"),
+                             ("exact match (format counts)", "content (any format)")):
+        for i, m in enumerate(labels(records)):
+            xs, ys = by_rate(records, m, "task_exact_match"), by_rate(records, m, key)
+            mx = [sum(v) / len(v) for v in xs.values()]
+            my = [sum(v) / len(v) for v in ys.values()]
+            color = COLORS.get(m, f"C{i}")
+            ax.errorbar(mx, my, xerr=[[a - min(v) for a, v in zip(mx, xs.values())],
+                                      [max(v) - a for a, v in zip(mx, xs.values())]],
+                        yerr=[[a - min(v) for a, v in zip(my, ys.values())], [max(v) - a for a, v in zip(my, ys.values())]],
+                        fmt="o-", ms=4, lw=1.2, capsize=2, color=color,
+                        label=f"{m} ({len(seeds_of(records, m))} seed{'s' if len(seeds_of(records, m)) > 1 else ''})")
+            ax.annotate("low lr", (mx[0], my[0]), fontsize=7, color=color, xytext=(3, -9), textcoords="offset points")
+        if level is not None:
+            ax.axvline(level, color="#555", ls=":", lw=1)
+        ax.scatter([base["task_exact_match"]], [0.0], marker="*", s=90, color="k", zorder=3,
+                   label="untrained base" if key == "forgetting_exact_match" else None)
+        ax.set(xlabel="learned: new task exact match (test)", title=f"forgetting, {what}", xlim=(-0.03, 1.03))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("forgot: drop in the base's held-out skills")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def learn_vs_forget(records: Sequence[dict[str, Any]], title: str = "learning vs forgetting") -> Any:
-    """New-task exact match against forgetting (drop in held-out general-skills exact match), one point per run."""
-    fig = _scatter(records, "forgetting_exact_match", "forgetting: drop in the base's held-out skills (exact match)",
-                   title)
-    fig.axes[0].axvline(0, color="#999", lw=0.8)
+def equal_learning_bars(rows: Sequence[dict[str, Any]], title: str = "forgetting at equal learning") -> Any:
+    """The rows of :func:`equal_learning` as bars (mean over seeds) with min-max whiskers: exact and content."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["exact mean"] is not None]
+    fig, ax = plt.subplots(figsize=(6.8, 3.6))
+    width = 0.38
+    for j, (short, hatch) in enumerate((("exact", ""), ("content", "//"))):
+        xs = [i + (j - 0.5) * width for i in range(len(rows))]
+        means = [r[f"{short} mean"] for r in rows]
+        err = [[m - r[f"{short} min"] for m, r in zip(means, rows)], [r[f"{short} max"] - m for m, r in zip(means, rows)]]
+        ax.bar(xs, means, width, yerr=err, capsize=3, hatch=hatch, edgecolor="white",
+               color=[COLORS.get(r["method"], "#777") for r in rows], alpha=1.0 if j == 0 else 0.6,
+               label="exact match" if j == 0 else "content (any format)")
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{r['seeds']} seed{'s' if r['seeds'] > 1 else ''}" for r in rows],
+                  fontsize=8)
+    ax.set(ylabel="forgot (drop in skills score)", title=f"{title} (test EM {rows[0]['level']:.2f})" if rows else title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
     return fig
-
-
-def score_vs_parameters(records: Sequence[dict[str, Any]], title: str = "score vs trainable parameters") -> Any:
-    """New-task exact match against trainable parameters (log scale), one point per run."""
-    return _scatter(records, "trainable_parameters", "trainable parameters (log scale)", title, log_x=True)
 
 
 def check_lora_config(lora_config: Any, rank: int, targets: Sequence[str], use_dora: bool) -> str:

@@ -13,6 +13,7 @@ fields) never occurs here: that is what the fine-tuning chapters teach.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 from utils.prompts import Conversation
@@ -199,3 +200,33 @@ def train_test_corpus(n_train: int, n_test: int, seed: int = 0) -> tuple[list[di
     test = general_skills_corpus(n_test, seed + 1, exclude={r["messages"][0]["content"] for r in train},
                                  skills=HELDOUT_SKILLS)
     return train, test
+
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words and numbers of a text (``15:00`` and ``5000`` stay whole)."""
+    return re.findall(r"[a-z]+|\d+(?::\d+)?", text.lower())
+
+
+def content_match(skill: str, question: str, reference: str, answer: str) -> bool:
+    """Does ``answer`` hold the reference's content in any format? (The check that tells format from skill.)
+
+    Exact match asks for the pre-training format (``thing: sink | day: wed``); a fine-tune that answers
+    ``FIX | item: sink | day: wed`` kept the skill and switched format. This check accepts that:
+
+    - ``tag``: every normalised value (``sink``, ``wed``, ``14:00``) occurs as a word of the answer;
+    - ``pick_category``: the right word occurs and no other word of the question's list does;
+    - ``unit_conversion`` (``5000 m``): the converted number occurs.
+    """
+    said = _words(answer)
+    if skill == "tag":
+        values = [part.split(": ", 1)[1] for part in reference.split(" | ") if ": " in part]
+        return bool(values) and all(w in said for v in values for w in _words(v))
+    if skill == "unit_conversion":
+        return reference.split()[0] in said
+    if skill == "pick_category":
+        listed = question.split(". Name the ")[0] if ". Name the " in question else question.split(":", 1)[-1]
+        others = set(_words(listed)) - {reference.lower()}
+        return reference.lower() in said and not others & set(said)
+    raise ValueError(f"content_match: no content check for skill {skill!r} (expected tag, pick_category, "
+                     "unit_conversion)")
