@@ -33,8 +33,32 @@ def test_tokenizer_has_phi3_tokens_template_and_digit_splitting(tiny_model_dir: 
         + ENDOFTEXT)
     prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n") and ENDOFTEXT not in prompt
-    assert tok.tokenize("2024") == ["2", "0", "2", "4"]
+    assert tok.tokenize("2024") == ["▁", "2", "0", "2", "4"]  # as Phi-3's: a dummy "▁" prefix, digits one by one
     assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_reads_text_as_its_sentencepiece_model_does(tiny_model_dir: Path) -> None:
+    """The shipped tokenizer.model (what llama.cpp's converter reads) and tokenizer.json agree token for token: each
+    piece of text between special tokens is encoded by SentencePiece with its dummy "▁" prefix, as llama.cpp does."""
+    import re
+
+    import sentencepiece as spm
+
+    from utils.miniature import PHI3_ADDED_TOKENS
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_model_dir / "tokenizer.model"))
+    assert sp.vocab_size() == tok.convert_tokens_to_ids(PHI3_ADDED_TOKENS[0])
+    assert tok.convert_tokens_to_ids(PHI3_ADDED_TOKENS) == list(range(sp.vocab_size(), sp.vocab_size() + 11))
+    text = tok.apply_chat_template(CHAT + [{"role": "user", "content": "Größe: 12,5 m²?  ok"}], tokenize=False)
+    expected: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, PHI3_ADDED_TOKENS)) + ")", text):
+        if part in PHI3_ADDED_TOKENS:
+            expected.append(tok.convert_tokens_to_ids(part))
+        elif part:
+            expected += sp.encode(part)
+    assert tok(text, add_special_tokens=False)["input_ids"] == expected
+    assert tok.decode(expected, skip_special_tokens=True).endswith("Größe: 12,5 m²?  ok \n")
 
 
 def test_generation_stops_at_end_token(tiny_model_dir: Path) -> None:
@@ -61,7 +85,8 @@ def test_loss_mask_covers_assistant_answers_and_their_end_token(tiny_model_dir: 
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     shown = show_loss_mask(tok, CHAT)
-    assert "⟦3 2 1<|end|>\n" in shown and shown.count("⟦") == 1
+    # The " " before each newline is the "▁" that Phi-3's tokenizer puts after every special token.
+    assert "⟦3 2 1<|end|> \n<|endoftext|>⟧" in shown and shown.count("⟦") == 1
     assert "Reverse" not in shown.split("⟦")[1]
     tokens, mask = assistant_mask(tok, CHAT)
     assert len(tokens) == len(mask) and 0 < sum(mask) < len(mask)
@@ -97,7 +122,7 @@ def test_shipped_base_is_what_this_code_builds() -> None:
     from dataclasses import asdict
 
     from utils import config
-    from utils.miniature import MiniatureSpec, corpus_fingerprint, require_shipped_miniature
+    from utils.miniature import MiniatureSpec, corpus_fingerprint, require_shipped_miniature, train_sentencepiece
     from utils.skills import train_test_corpus
 
     path = require_shipped_miniature()
@@ -106,6 +131,9 @@ def test_shipped_base_is_what_this_code_builds() -> None:
     assert report["spec"] == asdict(spec)
     train, test = train_test_corpus(spec.pretrain_examples, spec.heldout_examples, seed=spec.seed)
     assert report["corpus_sha256"] == corpus_fingerprint(train + test)
+    # The SentencePiece model is what training it on this corpus gives (its trainer is deterministic).
+    texts = [m["content"] for r in train for m in r["messages"]]
+    assert (path / "tokenizer.model").read_bytes() == train_sentencepiece(texts, spec.vocab_size)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.num_parameters() == report["parameters"]
     assert sum(f.stat().st_size for f in path.iterdir()) < 10 * 2**20

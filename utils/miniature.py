@@ -13,17 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from utils import config
-from utils.prompts import END, ENDOFTEXT, PHI3_SPECIAL_TOKENS, phi3_chat_template
+from utils.prompts import ASSISTANT, END, ENDOFTEXT, SYSTEM, USER, phi3_chat_template
 from utils.skills import train_test_corpus
 
 REPORT_FILE = "miniature_report.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 @dataclass
 class MiniatureSpec:
     """Shape and pre-training budget of the miniature (Phi-3 Mini: hidden 3072, 32 layers, 32 heads)."""
 
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # SentencePiece pieces (Phi-3: 32,000); Phi-3's 11 added tokens come after them
     hidden_size: int = 128
     intermediate_size: int = 512
     num_hidden_layers: int = 2
@@ -47,22 +48,60 @@ TINY_SPEC = MiniatureSpec(vocab_size=400, hidden_size=64, intermediate_size=128,
                           pretrain_examples=512, heldout_examples=16, pretrain_epochs=2.0, extra_rounds=0)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer (digits split one by one) with Phi-3's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+# Phi-3 Mini's added tokens in its own order, after the SentencePiece vocabulary (there at ids 32,000-32,010; here
+# from the miniature's SentencePiece size on). The placeholders are unused, as in Phi-3; they keep the ids parallel.
+PHI3_ADDED_TOKENS: list[str] = [
+    ENDOFTEXT, ASSISTANT, "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>", "<|placeholder4|>", SYSTEM, END,
+    "<|placeholder5|>", "<|placeholder6|>", USER]
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PHI3_SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, unk_token=None,
-        additional_special_tokens=[t for t in PHI3_SPECIAL_TOKENS if t != ENDOFTEXT],
-        chat_template=phi3_chat_template(), model_max_length=4096, padding_side="right")
+
+def train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
+    """A SentencePiece BPE model trained as Phi-3's (Llama's) was: byte fallback, digits split, identity normalisation,
+    a dummy ``▁`` prefix; ``<unk>``, ``<s>``, ``</s>`` at ids 0-2 and the 256 byte pieces right after them.
+
+    Returns the serialized model, the ``tokenizer.model`` file that llama.cpp's converter reads (chapter 07).
+    """
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        input_sentence_size=0, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """Phi-3's kind of tokenizer, trained on ``texts``: a SentencePiece BPE model with byte fallback (see
+    :func:`train_sentencepiece`) loaded as a ``LlamaTokenizer``, as Phi-3 Mini's is, with Phi-3's added tokens after
+    its vocabulary and Phi-3's chat template. The ``tokenizer.model`` file is saved with it by
+    :func:`save_tokenizer`."""
+    import tempfile
+
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / SENTENCEPIECE_FILE).write_bytes(train_sentencepiece(texts, vocab_size))
+        # As Phi-3's tokenizer: no <s> added (its chat template starts with the first role token), and text after
+        # each special token gets the dummy "▁" prefix (what llama.cpp does too, so both read a prompt alike).
+        tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=True, add_bos_token=False, add_eos_token=False)
+        tokenizer.sentencepiece_model = (Path(folder) / SENTENCEPIECE_FILE).read_bytes()
+    tokenizer.init_kwargs["legacy"] = True  # saved in tokenizer_config.json, so a reload prefixes the same way
+    tokenizer.add_special_tokens({"additional_special_tokens": PHI3_ADDED_TOKENS})
+    tokenizer.eos_token = tokenizer.pad_token = ENDOFTEXT
+    tokenizer.chat_template = phi3_chat_template()
+    tokenizer.model_max_length = 4096
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, path: Path) -> None:
+    """``save_pretrained`` plus the SentencePiece ``tokenizer.model`` that Phi-3 ships and llama.cpp reads."""
+    tokenizer.save_pretrained(path)
+    (path / SENTENCEPIECE_FILE).write_bytes(tokenizer.sentencepiece_model)
 
 
 def padded_vocabulary(tokens: int, multiple: int = 64) -> int:
@@ -208,13 +247,13 @@ def build_miniature(path: Path, spec: MiniatureSpec | None = None, progress: boo
     }
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
     _report_path(path).write_text(json.dumps(report, indent=2))
     return report
 
 
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", REPORT_FILE)
+                 "tokenizer_config.json", SENTENCEPIECE_FILE, REPORT_FILE)
 
 
 def require_shipped_miniature(path: Path | None = None) -> Path:
