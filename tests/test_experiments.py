@@ -58,9 +58,12 @@ def base(data: ExperimentData, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def test_measurements_have_every_number(data: ExperimentData, base: dict[str, float]) -> None:
-    assert set(base) == {"task_exact_match", "task_loss", "skills_exact_match", "skills_loss",
-                         "validation_exact_match", "validation_loss"}
+    assert set(base) == {"task_exact_match", "task_loss", "skills_exact_match", "skills_content_match", "skills_loss",
+                         "validation_exact_match", "validation_loss", "skills_answers"}
     assert all(0.0 <= base[k] <= 1.0 for k in ex.RATES)
+    assert len(base["skills_answers"]) == len(data.skills) and all(isinstance(a, str) for a in base["skills_answers"])
+    # what exact match accepts, content match accepts too
+    assert base["skills_content_match"] >= base["skills_exact_match"]
     assert base["task_loss"] > 0 and base["skills_loss"] > 0
 
 
@@ -84,7 +87,8 @@ def test_attention_only_trains_fewer_parameters_than_all_linear(data, base, tmp_
 def test_an_untrained_run_forgets_nothing(data, base, tmp_path: Path) -> None:
     """At learning rate 0 LoRA's B stays zero, so the model is the base: forgetting is exactly zero."""
     record = ex.run_experiment(Run(rank=4, learning_rate=0.0, batch_size=4), _make_trainer, data, base, tmp_path)
-    assert record["forgetting_exact_match"] == 0.0
+    assert record["forgetting_exact_match"] == 0.0 and record["forgetting_content"] == 0.0
+    assert record["skills_answers"] == base["skills_answers"]
     assert record["forgetting_loss"] == pytest.approx(0.0, abs=1e-6)
     assert record["task_exact_match"] == base["task_exact_match"]
 
@@ -135,15 +139,31 @@ def test_a_cached_run_is_reused_and_a_changed_one_is_not(data, base, tmp_path: P
 def test_run_names_and_variants() -> None:
     assert Run().variant == "LoRA" and Run(method="full").variant == "full FT"
     assert Run(use_dora=True).variant == "DoRA" and Run(init="pissa").variant == "PiSSA"
+    assert Run(init="pissa_niter_4").variant == "PiSSA"
     assert Run(loraplus_ratio=16.0).variant == "LoRA+" and Run(use_rslora=True).variant == "rsLoRA"
     assert Run(targets=ex.MLP).name == "LoRA r16 MLP lr 8.0e-3 4ep"
     assert Run(method="full", learning_rate=2.5e-4).name == "full FT lr 2.5e-4 4ep"
-    names = [r.name for r in ex.sweep_grid() + ex.shape_grid(8e-3)]
-    assert len(ex.shape_grid(8e-3)) == 6  # r16 on all linear layers is in both sweeps, once
-    assert len(set(ex.sweep_grid() + ex.shape_grid(8e-3))) == 18 + 5  # and it is stage 1's LoRA at 8e-3
-    assert all("/" not in n for n in names)
+    assert Run(seed=43).name == "LoRA r16 all-linear lr 8.0e-3 4ep seed 43"  # seeds are cached apart
+    assert [Run().label, Run(rank=4).label, Run(targets=ex.MLP).label, Run(method="full", rank=4).label] == [
+        "LoRA", "LoRA r4", "LoRA MLP", "full FT"]
     with pytest.raises(ValueError, match="lora"):
         Run(method="qlora")
+
+
+def test_grids() -> None:
+    full, reduced = ex.grid("full"), ex.grid("reduced")
+    assert len(set(r.name for r in full)) == len(full) and all("/" not in r.name for r in full)
+    assert set(reduced) <= set(full)  # the default grid's runs are the full grid's: the cache serves both
+    assert {r.label for r in reduced} == {"LoRA", "full FT"}
+    for label in ex.CORE:  # the runs the conclusions rest on: every rate with three seeds
+        mine = [r for r in full if r.label == label]
+        assert len(mine) == 3 * len({r.learning_rate for r in mine}) and {r.seed for r in mine} == set(ex.SEEDS)
+    assert max(ex.CORE["PiSSA"][1]) > 8e-3  # PiSSA's sweep extended past its old edge, where its best rate sat
+    for mode in ex.MODES:  # the real model: nothing that cannot fit a T4
+        t4 = ex.grid(mode, miniature=False)
+        assert t4 and all(r.method == "lora" and r.seed == 42 for r in t4)
+    with pytest.raises(ValueError, match="reduced, full"):
+        ex.grid("everything")
 
 
 def test_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,22 +176,109 @@ def test_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ex.experiments_mode()
 
 
-def _record(name: str, variant: str, task: float, forgot: float, lr: float = 1e-3, **extra) -> dict:
-    return {"name": name, "variant": variant, "run": {"learning_rate": lr}, "task_exact_match": task,
-            "skills_exact_match": 0.9 - forgot, "validation_exact_match": task, "task_loss": 1.0,
-            "skills_loss": 0.1, "validation_loss": 1.0 - task, "forgetting_exact_match": forgot,
-            "forgetting_loss": forgot, "trainable_parameters": 10, "saved_bytes": 40, "train_seconds": 1.0, **extra}
+def _record(name: str, variant: str, task: float, forgot: float, lr: float = 1e-3, seed: int = 42,
+            content: float | None = None, **extra) -> dict:
+    content = forgot / 2 if content is None else content
+    return {"name": name, "variant": variant, "label": variant, "run": {"learning_rate": lr, "seed": seed},
+            "task_exact_match": task, "skills_exact_match": 0.9 - forgot, "skills_content_match": 0.95 - content,
+            "validation_exact_match": task, "task_loss": 1.0, "skills_loss": 0.1, "validation_loss": 1.0 - task,
+            "forgetting_exact_match": forgot, "forgetting_content": content, "forgetting_loss": forgot,
+            "trainable_parameters": 10, "saved_bytes": 40, "train_seconds": 1.0, **extra}
 
 
-def test_best_run_and_pareto_front() -> None:
-    records = [_record("a", "LoRA", 0.9, 0.1, 1e-3), _record("b", "LoRA", 0.8, 0.0, 4e-3),
-               _record("c", "LoRA", 0.7, 0.2, 1.6e-2), _record("d", "full FT", 0.95, 0.3)]
-    assert ex.best_run(records, "LoRA")["name"] == "a"
-    assert ex.pareto_front(records) == ["a", "b", "d"]
-    assert ex.check_pareto(["a", "b", "d"], records) == "correct"
-    assert ex.check_pareto(["a", "c"], records).startswith("not yet")
+BASE = {"task_exact_match": 0.0, "skills_exact_match": 0.9, "skills_content_match": 0.95}
+
+
+def _sweep(label: str, points: list[tuple[float, float]], seed: int = 42, rates=(1e-3, 4e-3, 1.6e-2, 6.4e-2)):
+    return [_record(f"{label} {lr} {seed}", label, task, forgot, lr, seed) for lr, (task, forgot) in zip(rates, points)]
+
+
+def test_a_sweep_is_read_from_the_base_up_to_the_rate_that_learned_most() -> None:
+    # the third rate learned most; the fourth learned less and forgot more (the other branch); the second learned
+    # no more than the first and is skipped
+    records = _sweep("LoRA", [(0.4, 0.2), (0.4, 0.3), (0.8, 0.6), (0.5, 0.9)])
+    curve = ex.rising_curve(records, "LoRA", 42, BASE)
+    assert curve == [(0.0, 0.0), (0.4, 0.2), (0.8, 0.6)]
+    assert ex.read_curve(curve, 0.6) == pytest.approx(0.4)
+    assert ex.read_curve(curve, 0.2) == pytest.approx(0.1)  # between the base and the lowest rate
+    assert ex.read_curve(curve, 0.8) == pytest.approx(0.6) and ex.read_curve(curve, 0.85) is None
+    assert ex.rising_curve(records, "DoRA", 42, BASE) == []
+
+
+def test_equal_learning_compares_at_one_level_and_judges_by_the_seeds_spread() -> None:
+    records = []
+    for seed, shift in zip(ex.SEEDS, (0.0, 0.02, -0.02)):
+        records += _sweep("LoRA", [(0.5, 0.5 + shift), (0.9, 0.9 + shift)], seed)
+        records += _sweep("full FT", [(0.5, 0.2 + shift), (0.7, 0.4 + shift)], seed)
+    assert ex.common_level(records, BASE, ["LoRA", "full FT"]) == pytest.approx(0.7)
+    rows = {r["method"]: r for r in ex.equal_learning(records, BASE, 0.7)}
+    assert rows["LoRA"]["exact mean"] == pytest.approx(0.7) and rows["full FT"]["exact mean"] == pytest.approx(0.4)
+    assert rows["LoRA"]["exact min"] == pytest.approx(0.68) and rows["LoRA"]["exact max"] == pytest.approx(0.72)
+    assert ex.compare(rows["full FT"], rows["LoRA"]) == "full FT forgets less, beyond the seeds' spread"
+    close = [dict(r, **{"exact mean": m, "exact min": m - 0.1, "exact max": m + 0.1})
+             for r, m in ((rows["LoRA"], 0.5), (rows["full FT"], 0.45))]
+    assert ex.compare(*close).startswith("within the seeds' spread")
+    one = [dict(r, seeds=1) for r in close]
+    assert "one seed" in ex.compare(*one)
+    assert ex.equal_learning(records, BASE, 0.95)[0]["exact mean"] is None  # never reached
+    level = ex.common_level(records, BASE, ["LoRA", "full FT"])
+    assert ex.check_equal_learning(0.4, records, BASE, "full FT", 42, level) == "correct"
+    assert ex.check_equal_learning(0.5, records, BASE, "full FT", 42, level).startswith("not yet")
+
+
+def test_best_rate_averages_the_seeds() -> None:
+    records = _sweep("LoRA", [(0.9, 0.5), (0.5, 0.6)], 42) + _sweep("LoRA", [(0.5, 0.5), (0.8, 0.6)], 43)
+    # rate 1e-3: mean 0.7; 4e-3: mean 0.65
+    assert ex.best_rate(records, "LoRA") == 1e-3
     with pytest.raises(ValueError, match="DoRA"):
-        ex.best_run(records, "DoRA")
+        ex.best_rate(records, "DoRA")
+
+
+def _skills_data() -> ExperimentData:
+    skills = [[{"role": "user", "content": "Label each word in: the sink on wed"},
+               {"role": "assistant", "content": "thing: sink | day: wed"}],
+              [{"role": "user", "content": "Which word is a day: urgent ideally wednesday?"},
+               {"role": "assistant", "content": "wednesday"}],
+              [{"role": "user", "content": "Convert 968 cm to mm."}, {"role": "assistant", "content": "9680 mm"}]]
+    return ExperimentData("m", None, [], [], [], skills, ["tag", "pick_category", "unit_conversion"])
+
+
+def test_format_switches_and_forgotten_examples() -> None:
+    data = _skills_data()
+    base = {"skills_answers": ["thing: sink | day: wed", "wednesday", "9680 mm"]}
+    run = {"skills_answers": ["FIX | item: sink | day: wed", "urgent", "9680 mm"]}
+    share = ex.format_switches([run], base, data)
+    assert share == {"lost": pytest.approx(2 / 3), "format switched": pytest.approx(0.5)}
+    table = ex.forgotten_examples(run, base, data)
+    assert list(table["skill"]) == ["tag", "pick_category"] and list(table["content kept"]) == [True, False]
+    assert ex.content_scores(data, run["skills_answers"]) == [True, False, True]
+
+
+def test_findings_are_verdicts_computed_from_the_runs() -> None:
+    data = _skills_data()
+    base = {**BASE, "skills_answers": ["thing: sink | day: wed", "wednesday", "9680 mm"]}
+    answers = {"skills_answers": ["FIX | item: sink | day: wed", "urgent", "9680 mm"]}
+    records = []
+    for seed, shift in zip(ex.SEEDS, (0.0, 0.02, -0.02)):
+        records += [dict(r, **answers)
+                    for r in _sweep("LoRA", [(0.3, 0.3 + shift), (0.5, 0.5 + shift), (0.9, 0.9 + shift)], seed)]
+        records += [dict(r, **answers, run={**r["run"], "method": "full"})
+                    for r in _sweep("full FT", [(0.3, 0.1 + shift), (0.5, 0.2 + shift), (0.7, 0.4 + shift)], seed)]
+    for r in records:
+        r["run"].setdefault("method", "lora")
+    found = ex.findings(records, base, data)
+    assert list(found) == [*ex.SHARED_FINDINGS, *ex.FULL_FINDINGS]
+    assert found["higher rate, more forgetting"] == "in every sweep"
+    assert found["less forgetting at equal learning, full FT or LoRA (exact match)"] == "full FT"
+    assert found["full FT vs LoRA against the seeds' spread (exact match)"] == (
+        "full FT forgets less, beyond the seeds' spread")
+    assert found["PiSSA vs LoRA at equal learning (exact match)"] == ex.NEEDS_FULL
+    assert found["forgetting that is format switching"] == "some of it"  # half of the lost answers
+    assert found["best rate at a sweep's edge"] == "LoRA, full FT"  # both learned most at their top rate
+    # one seed (the default grid): the same direction, and no verdict on a spread it does not have
+    one = ex.findings([r for r in records if r["run"]["seed"] == 42], base, data)
+    assert all(one[k] == found[k] for k in ex.SHARED_FINDINGS)
+    assert all(one[k] == ex.NEEDS_FULL for k in ex.FULL_FINDINGS)
 
 
 def test_results_json_and_its_checks(outputs: Path) -> None:
@@ -187,12 +294,13 @@ def test_results_json_and_its_checks(outputs: Path) -> None:
         ex.write_results(path, [bad], {}, {})
 
 
-def test_plots_have_one_point_per_run() -> None:
-    records = [_record("a", "LoRA", 0.9, 0.1), _record("b", "DoRA", 0.8, 0.0), _record("c", "full FT", 0.7, 0.2)]
-    for fig in (ex.learn_vs_forget(records), ex.score_vs_parameters(records)):
-        points = sum(len(c.get_offsets()) for c in fig.axes[0].collections)
-        assert points == 3
-    assert ex.score_vs_parameters(records).axes[0].get_xscale() == "log"
+def test_plots_have_one_line_per_method_and_one_bar_pair_per_method() -> None:
+    records = _sweep("LoRA", [(0.5, 0.5), (0.9, 0.9)]) + _sweep("full FT", [(0.5, 0.2), (0.7, 0.4)])
+    fig = ex.learn_vs_forget(records, BASE, 0.7)
+    assert len(fig.axes) == 2 and all(len(ax.lines) >= 2 for ax in fig.axes)
+    rows = ex.equal_learning(records, BASE, 0.7)
+    bars = ex.equal_learning_bars(rows)
+    assert len(bars.axes[0].patches) == 2 * len(rows)
 
 
 def test_exercise_checks() -> None:
@@ -205,6 +313,7 @@ def test_exercise_checks() -> None:
     base = {"skills_exact_match": 0.9}
     assert ex.check_forgetting(0.25, base, record) == "correct"
     assert ex.check_forgetting(0.1, base, record).startswith("not yet")
-    assert ex.forgetting({"skills_exact_match": 0.9, "skills_loss": 0.1},
-                         {"skills_exact_match": 0.6, "skills_loss": 0.4}) == pytest.approx(
-        {"forgetting_exact_match": 0.3, "forgetting_loss": 0.3})
+    assert ex.check_forgetting(0.125, {"skills_content_match": 0.95}, record, content=True) == "correct"
+    assert ex.forgetting({"skills_exact_match": 0.9, "skills_loss": 0.1, "skills_content_match": 0.9},
+                         {"skills_exact_match": 0.6, "skills_loss": 0.4, "skills_content_match": 0.8}) == pytest.approx(
+        {"forgetting_exact_match": 0.3, "forgetting_loss": 0.3, "forgetting_content": 0.1})

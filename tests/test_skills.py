@@ -76,3 +76,30 @@ def test_every_word_of_the_house_format_is_written_in_pre_training() -> None:
     for word in ("ORDER", "BOOK", "FIX", "item", "qty", "due", "people", "floor", "priority", "color", "room",
                  "day", "time"):
         assert word in answers, word
+
+
+def test_content_match_accepts_the_right_content_in_any_format() -> None:
+    from utils.skills import content_match
+
+    tag = ("Label each word in: the sink on Wednesday at 3pm", "thing: sink | day: wed | time: 15:00")
+    assert content_match("tag", *tag, "thing: sink | day: wed | time: 15:00")
+    assert content_match("tag", *tag, "FIX | item: sink | day: wed | time: 15:00")  # the house format
+    assert not content_match("tag", *tag, "FIX | item: sink | day: wed")  # a value missing
+    assert not content_match("tag", *tag, "thing: sink | day: thu | time: 15:00")
+    pick = ("Which word is a day: urgent ideally wednesday?", "wednesday")
+    assert content_match("pick_category", *pick, "wednesday") and content_match("pick_category", *pick, "day: wednesday")
+    assert not content_match("pick_category", *pick, "urgent wednesday")  # the whole list is no answer
+    assert content_match("pick_category", "send no delivered mug. Name the thing.", "mug", "ORDER | item: mug")
+    assert content_match("unit_conversion", "Convert 968 cm to mm.", "9680 mm", "9680")
+    assert not content_match("unit_conversion", "Convert 968 cm to mm.", "9680 mm", "968 cm")
+
+
+def test_content_match_accepts_every_reference_and_few_echoes_of_the_question() -> None:
+    from utils.skills import content_match
+
+    _, test = train_test_corpus(600, 200, seed=0)
+    rows = [(r["skill"], r["messages"][0]["content"], r["messages"][1]["content"]) for r in test]
+    assert all(content_match(skill, q, ref, ref) for skill, q, ref in rows)
+    # Copying the question back passes only where a note's words are its normalised values already.
+    echoes = sum(content_match(skill, q, ref, q) for skill, q, ref in rows)
+    assert echoes < 0.15 * len(rows)
