@@ -268,7 +268,7 @@ def test_findings_are_verdicts_computed_from_the_runs() -> None:
         r["run"].setdefault("method", "lora")
     found = ex.findings(records, base, data)
     assert list(found) == [*ex.SHARED_FINDINGS, *ex.FULL_FINDINGS]
-    assert found["higher rate, more forgetting"] == "in every sweep"
+    assert found["lowest rate, least forgetting"] == "in every sweep"
     assert found["less forgetting at equal learning, full FT or LoRA (exact match)"] == "full FT"
     assert found["full FT vs LoRA against the seeds' spread (exact match)"] == (
         "full FT forgets less, beyond the seeds' spread")
