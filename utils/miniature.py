@@ -32,7 +32,7 @@ class MiniatureSpec:
     max_position_embeddings: int = 512
     pretrain_examples: int = 32000
     heldout_examples: int = 200
-    pretrain_epochs: float = 3.0
+    pretrain_epochs: float = 4.0
     learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
