@@ -22,4 +22,3 @@ def outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the config's output folder at a temporary directory for one test."""
     monkeypatch.setenv("PHI3_LAB_OUTPUTS", str(tmp_path / "outputs"))
     return tmp_path / "outputs"
-
