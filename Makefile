@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# make test's pytest-xdist workers: one runs the notebooks in order (tests/conftest.py), the other(s) the unit tests.
+TEST_WORKERS ?= 2
 
 .PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table site test-site catch-up-results clean help
 
@@ -34,7 +36,7 @@ run: env
 	$(PY) scripts/run_series.py
 
 test: env
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 test-real-shape: env
 	$(PY) -m pytest -m real_shape tests/test_real_shape.py

@@ -80,6 +80,9 @@ def table(report: dict) -> str:
         lines.append(f"{name:<{width}} {seconds:>7.1f} {cells}")
     lines.append(f"{'share':<{width}} {'':>7} " + " ".join(
         f"{(total[k] / grand if grand else 0):>{max(len(k), 7)}.0%}" for k in COLUMNS))
+    cpu = {c["notebook"]: c["cpu_seconds"] for c in report["chapters"] if "cpu_seconds" in c}
+    if cpu:  # scripts/run_series.py records each chapter's CPU time (its kernel's and its own) since 2026-12-03
+        lines.append("CPU s: " + ", ".join(f"{name[:2]} {seconds:.0f}" for name, seconds in cpu.items()))
     return "\n".join(lines)
 
 
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     report = json.loads(path.read_text())
-    print(f"{path}: {report.get('model', '?')} model, {report.get('total_seconds', 0):.0f} s in all, "
+    cpu = (f" ({report['total_cpu_seconds']:.0f} s CPU, load average {report['load_average'][0]:.1f} at the end)"
+           if "total_cpu_seconds" in report else "")  # older reports carry wall time only
+    print(f"{path}: {report.get('model', '?')} model, {report.get('total_seconds', 0):.0f} s in all{cpu}, "
           f"finished {report.get('finished', '?')}\n")
     print(table(report))
     print()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -97,6 +99,15 @@ def peak_memory(cell: nbformat.NotebookNode) -> dict:
     return {k: round(v) for k, v in json.loads(line.removeprefix("PEAK_MEMORY ")).items()} if line else {}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the chapters' kernels, once shut down).
+
+    On a shared machine wall time grows with the other users' load; CPU time much less, so the report keeps both.
+    """
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
 def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     """Run one notebook top to bottom; returns its timing and peak-memory report (raises on a failing cell)."""
     nb = nbformat.read(path, as_version=4)
@@ -104,9 +115,9 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
     client = NotebookClient(nb, timeout=None, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(path.parent)}})
-    started = time.perf_counter()
-    client.execute()
-    total = time.perf_counter() - started
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    client.execute()  # starts the kernel and shuts it down (reaped): its CPU time counts
+    total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     memory = peak_memory(nb.cells.pop())
     cells = [(i, cell_seconds(c), "".join(c.source)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     strip_volatile(nb)
@@ -114,7 +125,8 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
     nbformat.write(nb, target)
     recorded = [{"cell": i, "seconds": round(s, 2), "starts": src.splitlines()[0][:60] if src else "", "source": src}
                 for i, s, src in cells]
-    return {"notebook": path.name, "seconds": round(total, 1), "cells_seconds": round(sum(c[1] for c in cells), 1),
+    return {"notebook": path.name, "seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
+            "cells_seconds": round(sum(c[1] for c in cells), 1),
             "slowest_cells": [{k: c[k] for k in ("cell", "seconds", "starts")}
                               for c in sorted(recorded, key=lambda c: -c["seconds"])[:3]],
             "cells": recorded, "peak_memory_mib": memory, "written": str(target)}
@@ -154,10 +166,12 @@ def main() -> int:
             print(failure_report(path, err), file=sys.stderr)
             return 1
         peak = reports[-1]["peak_memory_mib"].get("process_mib", 0)
-        print(f"  done in {reports[-1]['seconds']:.1f} s, peak memory {peak:,} MiB -> {reports[-1]['written']}",
-              flush=True)
+        print(f"  done in {reports[-1]['seconds']:.1f} s ({reports[-1]['cpu_seconds']:.1f} s CPU), peak memory "
+              f"{peak:,} MiB -> {reports[-1]['written']}", flush=True)
     total = time.perf_counter() - started
-    summary = {"model": config.model_id(), "total_seconds": round(total, 1), "chapters": reports,
+    summary = {"model": config.model_id(), "total_seconds": round(total, 1),
+               "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
+               "load_average": [round(x, 2) for x in os.getloadavg()], "chapters": reports,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     (config.outputs_dir() / "run_times.json").write_text(json.dumps(summary, indent=2))
     print(f"\nSeries finished in {total:.0f} s on the {config.model_tag()}.")

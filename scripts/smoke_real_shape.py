@@ -32,7 +32,7 @@ SHORT_RUN = {"PHI3_LAB_MAX_STEPS": "2", "PHI3_LAB_HELDOUT": "8"}
 def run(layers: int, only: list[str], short_run: dict[str, str]) -> dict:
     """Build the stand-in if needed, run the chapters on it; returns ``run_times.json`` (raises on a failure)."""
     model = standin_dir(layers)
-    if not (model / "config.json").is_file():
+    if not all((model / name).is_file() for name in ("config.json", "tokenizer.model")):  # older builds: no .model
         print(f"building the {layers}-layer stand-in into {model} ...", flush=True)
         build_standin(model, layers)
     outputs = config.outputs_dir() / "real-shape" / f"{layers}-layers"

@@ -168,7 +168,7 @@ def test_gpu_shape_check_rejects_absurd_numbers() -> None:
 
 def test_series_time_table(tmp_path: Path) -> None:
     """bench/series_time.py splits each chapter's time into kernel overhead and the kinds of its slowest cells."""
-    from bench.series_time import breakdown, main
+    from bench.series_time import breakdown, main, table
 
     chapter = {"notebook": "03_lora_finetuning.ipynb", "seconds": 100.0, "cells_seconds": 90.0,
                "slowest_cells": [{"cell": 9, "seconds": 60.0, "starts": "trainer = train_sft(model, tokenizer, rows)"},
@@ -180,6 +180,11 @@ def test_series_time_table(tmp_path: Path) -> None:
     path = tmp_path / "run_times.json"
     path.write_text(json.dumps({"model": "miniature", "total_seconds": 100.0, "chapters": [chapter]}))
     assert main([str(path)]) == 0
+    assert "CPU s:" not in table({"chapters": [chapter]}), "an older report has no CPU times to show"
+    timed = {**chapter, "cpu_seconds": 41.6}
+    path.write_text(json.dumps({"model": "miniature", "total_seconds": 100.0, "total_cpu_seconds": 41.6,
+                                "load_average": [3.0, 2.0, 1.0], "chapters": [timed]}))
+    assert main([str(path)]) == 0 and table({"chapters": [timed]}).splitlines()[-1] == "CPU s: 03 42"
 
 
 def test_series_time_classifies_a_cell_by_its_code_not_its_first_import(tmp_path: Path) -> None:

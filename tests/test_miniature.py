@@ -52,13 +52,17 @@ def test_tokenizer_reads_text_as_its_sentencepiece_model_does(tiny_model_dir: Pa
     assert tok.convert_tokens_to_ids(PHI3_ADDED_TOKENS) == list(range(sp.vocab_size(), sp.vocab_size() + 11))
     text = tok.apply_chat_template(CHAT + [{"role": "user", "content": "Größe: 12,5 m²?  ok"}], tokenize=False)
     expected: list[int] = []
+    previous = ""
     for part in re.split("(" + "|".join(map(re.escape, PHI3_ADDED_TOKENS)) + ")", text):
         if part in PHI3_ADDED_TOKENS:
             expected.append(tok.convert_tokens_to_ids(part))
-        elif part:
+        elif previous not in ("", ENDOFTEXT):  # Phi-3's added tokens strip the whitespace after them
+            part = part.lstrip()
+        if part and part not in PHI3_ADDED_TOKENS:
             expected += sp.encode(part)
+        previous = part
     assert tok(text, add_special_tokens=False)["input_ids"] == expected
-    assert tok.decode(expected, skip_special_tokens=True).endswith("Größe: 12,5 m²?  ok \n")
+    assert tok.decode(expected, skip_special_tokens=True).endswith("Größe: 12,5 m²?  ok")
 
 
 def test_generation_stops_at_end_token(tiny_model_dir: Path) -> None:
@@ -85,8 +89,8 @@ def test_loss_mask_covers_assistant_answers_and_their_end_token(tiny_model_dir: 
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     shown = show_loss_mask(tok, CHAT)
-    # The " " before each newline is the "▁" that Phi-3's tokenizer puts after every special token.
-    assert "⟦3 2 1<|end|> \n<|endoftext|>⟧" in shown and shown.count("⟦") == 1
+    # Phi-3's added tokens swallow the template's newline after them (rstrip); the text after each starts with "▁".
+    assert "<|assistant|>⟦ 3 2 1<|end|><|endoftext|>⟧" in shown and shown.count("⟦") == 1
     assert "Reverse" not in shown.split("⟦")[1]
     tokens, mask = assistant_mask(tok, CHAT)
     assert len(tokens) == len(mask) and 0 < sum(mask) < len(mask)

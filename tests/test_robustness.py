@@ -337,7 +337,7 @@ def test_a_model_that_is_not_phi3_warns_and_one_without_a_chat_template_stops(
     monkeypatch.setenv("PHI3_MODEL_ID", str(other))
     with pytest.warns(UserWarning, match="is a 'llama' model, not Phi-3"):
         assert require_miniature_or_model() == str(other)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model"):
         (other / name).unlink(missing_ok=True)
     with pytest.raises(config.SettingsError, match="has no tokenizer .* and no chat template"):
         require_miniature_or_model()

@@ -64,5 +64,6 @@ def test_each_chapter_reports_its_kernels_peak_memory_and_the_probe_is_not_saved
     (tmp_path / "out").mkdir()
     report = runner.execute(path, in_place=False, out_dir=tmp_path / "out")
     assert report["peak_memory_mib"]["process_mib"] >= 300  # the kernel held 300 MiB at once
+    assert report["cpu_seconds"] >= 0.3, "the kernel's CPU time (starting Python and IPython alone takes more)"
     saved = nbformat.read(tmp_path / "out" / "97_alloc.ipynb", as_version=4)
     assert len(saved.cells) == 1 and "PEAK_MEMORY" not in str(saved)

@@ -43,3 +43,17 @@ def test_the_configuration_is_phi3_minis_own() -> None:
     assert sum(p.numel() for p in model.parameters()) == 3_821_079_552
     assert {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == {
         "qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+
+
+def test_its_sentencepiece_model_tokenizes_as_its_tokenizer_json(tokenizer) -> None:
+    """The stand-in ships tokenizer.model, as Phi-3 Mini does, for llama.cpp's converter (chapter 07): the same
+    pieces at the same ids, and the same tokens for the project's text."""
+    import sentencepiece
+
+    from utils.standin import sentencepiece_model, tokenizer_texts
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model(tokenizer))
+    assert sp.vocab_size() == 32000 and [sp.id_to_piece(i) for i in (0, 1, 2, 3)] == ["<unk>", "<s>", "</s>", "<0x00>"]
+    assert sp.is_byte(3) and sp.is_control(1) and sp.is_unknown(0)
+    texts = tokenizer_texts()[:300] + ["Book cedar for 12 people, fri 3pm. Ünïcödé → bytes"]
+    assert all(sp.encode(t) == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)

@@ -32,7 +32,7 @@ class MiniatureSpec:
     max_position_embeddings: int = 512
     pretrain_examples: int = 32000
     heldout_examples: int = 200
-    pretrain_epochs: float = 3.0
+    pretrain_epochs: float = 4.0
     learning_rate: float = 3e-3
     batch_size: int = 16
     seed: int = 0
@@ -81,16 +81,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     :func:`save_tokenizer`."""
     import tempfile
 
+    from tokenizers import AddedToken
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / SENTENCEPIECE_FILE).write_bytes(train_sentencepiece(texts, vocab_size))
-        # As Phi-3's tokenizer: no <s> added (its chat template starts with the first role token), and text after
+        # As Phi-3's tokenizer: no <s> added (its chat template starts with the first role token), and the text after
         # each special token gets the dummy "▁" prefix (what llama.cpp does too, so both read a prompt alike).
         tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=True, add_bos_token=False, add_eos_token=False)
         tokenizer.sentencepiece_model = (Path(folder) / SENTENCEPIECE_FILE).read_bytes()
     tokenizer.init_kwargs["legacy"] = True  # saved in tokenizer_config.json, so a reload prefixes the same way
-    tokenizer.add_special_tokens({"additional_special_tokens": PHI3_ADDED_TOKENS})
+    # As in Phi-3's tokenizer.json, every added token but <|endoftext|> strips the whitespace after it (rstrip): the
+    # template's "\n" after <|user|> or <|end|> never reaches the model. llama.cpp does the same for Phi-3 models.
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, rstrip=t != ENDOFTEXT, lstrip=False, normalized=False, special=True) for t in PHI3_ADDED_TOKENS]})
     tokenizer.eos_token = tokenizer.pad_token = ENDOFTEXT
     tokenizer.chat_template = phi3_chat_template()
     tokenizer.model_max_length = 4096

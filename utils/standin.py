@@ -10,7 +10,8 @@ code depends on, except its knowledge and its depth:
 - the tokenizer: a SentencePiece-style BPE (``▁`` for spaces, byte fallback) trained here on the project's own
   text, with ``<unk>``/``<s>``/``</s>`` at 0/1/2, Phi-3's eleven added tokens at their real ids 32,000-32,010 and
   their real strip settings (``rstrip=True`` on the chat tokens, so ``<|assistant|>\\n`` tokenizes to one token), the
-  hub's chat template, and a generation config stopping at ``<|endoftext|>``, ``<|assistant|>`` and ``<|end|>``.
+  hub's chat template, and a generation config stopping at ``<|endoftext|>``, ``<|assistant|>`` and ``<|end|>``;
+  its base vocabulary also as a SentencePiece ``tokenizer.model``, as the hub ships it (llama.cpp's converter reads it).
 
     python -m utils.standin --layers 2      # builds into outputs/standin/phi3-mini-shape-2-layers (~1 minute)
 
@@ -110,6 +111,39 @@ def train_phi3_like_tokenizer(texts: list[str]) -> Any:
         padding_side="left", add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
 
 
+def sentencepiece_model(tokenizer: Any) -> bytes:
+    """The stand-in's base vocabulary as a SentencePiece BPE model: the ``tokenizer.model`` Phi-3 Mini ships beside
+    its tokenizer.json, which llama.cpp's Phi-3 converter reads (chapter 07).
+
+    Every piece keeps its id; a piece's score is minus its id (the order in which BPE training made it); ``<unk>``,
+    ``<s>``/``</s>``, the byte pieces and the unreachable fillers get SentencePiece's types for them. Phi-3's added
+    tokens stay in tokenizer.json, where the converter reads them.
+    """
+    import re
+
+    from sentencepiece import sentencepiece_model_pb2 as spm
+
+    vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
+    model = spm.ModelProto()
+    model.trainer_spec.model_type = spm.TrainerSpec.BPE
+    model.trainer_spec.vocab_size = len(vocab)
+    model.trainer_spec.byte_fallback = True
+    model.trainer_spec.split_digits = True
+    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = 0, 1, 2
+    model.trainer_spec.pad_id = -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    model.normalizer_spec.remove_extra_whitespaces = False
+    model.normalizer_spec.escape_whitespaces = True
+    kind = spm.ModelProto.SentencePiece
+    for piece, index in sorted(vocab.items(), key=lambda item: item[1]):
+        entry = model.pieces.add(piece=piece, score=-float(index))
+        entry.type = (kind.UNKNOWN if piece == "<unk>" else kind.CONTROL if piece in ("<s>", "</s>")
+                      else kind.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", piece)
+                      else kind.UNUSED if piece.startswith("<|unused_") else kind.NORMAL)
+    return model.SerializeToString()
+
+
 def build_standin(out: Path, layers: int = 2, seed: int = 0) -> Path:
     """Build and save the stand-in (tokenizer, bf16 weights, generation config) into ``out``; returns ``out``."""
     import torch
@@ -124,6 +158,7 @@ def build_standin(out: Path, layers: int = 2, seed: int = 0) -> Path:
     with atomic_folder(out) as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokenizer))
         (folder / "standin.json").write_text(json.dumps({
             "what": "Phi-3-mini-4k-instruct's shape and tokenizer layout, random weights (utils/standin.py)",
             "layers": layers, "seed": seed, "parameters": model.num_parameters()}, indent=2) + "\n")
