@@ -660,9 +660,11 @@ def learn_vs_forget(records: Sequence[dict[str, Any]], base: dict[str, float], l
             mx = [sum(v) / len(v) for v in xs.values()]
             my = [sum(v) / len(v) for v in ys.values()]
             color = COLORS.get(m, f"C{i}")
-            ax.errorbar(mx, my, xerr=[[a - min(v) for a, v in zip(mx, xs.values())],
-                                      [max(v) - a for a, v in zip(mx, xs.values())]],
-                        yerr=[[a - min(v) for a, v in zip(my, ys.values())], [max(v) - a for a, v in zip(my, ys.values())]],
+            def bars(means, values):  # min-max around each mean (never below 0: a mean of equal values can round)
+                return [[max(m - min(v), 0.0) for m, v in zip(means, values)],
+                        [max(max(v) - m, 0.0) for m, v in zip(means, values)]]
+
+            ax.errorbar(mx, my, xerr=bars(mx, xs.values()), yerr=bars(my, ys.values()),
                         fmt="o-", ms=4, lw=1.2, capsize=2, color=color,
                         label=f"{m} ({len(seeds_of(records, m))} seed{'s' if len(seeds_of(records, m)) > 1 else ''})")
             ax.annotate("low lr", (mx[0], my[0]), fontsize=7, color=color, xytext=(3, -9), textcoords="offset points")
@@ -689,7 +691,8 @@ def equal_learning_bars(rows: Sequence[dict[str, Any]], title: str = "forgetting
     for j, (short, hatch) in enumerate((("exact", ""), ("content", "//"))):
         xs = [i + (j - 0.5) * width for i in range(len(rows))]
         means = [r[f"{short} mean"] for r in rows]
-        err = [[m - r[f"{short} min"] for m, r in zip(means, rows)], [r[f"{short} max"] - m for m, r in zip(means, rows)]]
+        err = [[max(m - r[f"{short} min"], 0.0) for m, r in zip(means, rows)],
+               [max(r[f"{short} max"] - m, 0.0) for m, r in zip(means, rows)]]
         ax.bar(xs, means, width, yerr=err, capsize=3, hatch=hatch, edgecolor="white",
                color=[COLORS.get(r["method"], "#777") for r in rows], alpha=1.0 if j == 0 else 0.6,
                label="exact match" if j == 0 else "content (any format)")
