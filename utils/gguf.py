@@ -128,8 +128,8 @@ def model_name_for_llama_cpp(model_dir: str | Path) -> str:
 
     Phi-3 Mini's tokenizer strips the whitespace after ``<|user|>``, ``<|end|>`` and the other chat tokens (their
     ``rstrip`` flag in tokenizer.json). GGUF has no field for that flag: llama.cpp strips for every model whose name
-    contains "phi3" or "phi-3", and for no other. So the name says Phi-3 exactly when the tokenizer strips; the
-    miniature's does not.
+    contains "phi3" or "phi-3", and for no other. So the name says Phi-3 exactly when the tokenizer strips, as Phi-3's
+    and the miniature's do.
     """
     model_dir = Path(model_dir)
     added = json.loads((model_dir / "tokenizer.json").read_text()).get("added_tokens", [])
