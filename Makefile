@@ -5,6 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # make test's pytest-xdist workers: one runs the notebooks in order (tests/conftest.py), the other(s) the unit tests.
 TEST_WORKERS ?= 2
+# One torch thread per worker: two workers with torch's default two threads each on a 2-core machine took 18 min 26 s
+# for make test here, one thread each 11 min 24 s (2026-12-03, quiet machine).
+TEST_THREADS ?= 1
 
 .PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table site test-site catch-up-results clean help
 
@@ -36,7 +39,7 @@ run: env
 	$(PY) scripts/run_series.py
 
 test: env
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS)
 
 test-real-shape: env
 	$(PY) -m pytest -m real_shape tests/test_real_shape.py
