@@ -4,6 +4,13 @@
     python scripts/run_series.py --in-place   # refresh the stored notebooks in notebooks/ (make notebooks)
     python scripts/run_series.py --only 03 04 # a subset, still in order
     python scripts/run_series.py --in-place --solutions   # and the exercises' worked solutions (make notebooks)
+    python scripts/run_series.py --cold       # no warm kernel: each chapter's time as a learner's Jupyter sees it
+
+A chapter's kernel spends its first seconds importing torch, transformers, peft and trl, most of it on one core. While
+one chapter runs, the next one's kernel is already started and imports the modules that chapter imports (the
+modules only: no name is defined in it, and its cells run exactly as they would in a fresh kernel). So the series
+does not wait for start-up between chapters. Only on the miniature: with a real model, a second kernel's memory (and
+CUDA libraries) beside a chapter that fills the machine is not worth a few seconds. ``--cold`` turns it off.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import os
 import re
 import resource
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -108,15 +117,95 @@ def cpu_seconds() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
-def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
-    """Run one notebook top to bottom; returns its timing and peak-memory report (raises on a failing cell)."""
+NAME_AS = r"[\w.]+(?:\s+as\s+\w+)?"
+IMPORT = re.compile(rf"(?:from\s+([\w.]+)\s+import\b|import\s+({NAME_AS}(?:\s*,\s*{NAME_AS})*))")
+
+
+def imported_modules(nb: nbformat.NotebookNode) -> list[str]:
+    """The modules a notebook's code cells import at column 0 (not inside an ``if``), in order, each once."""
+    modules: list[str] = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for line in cell.source.splitlines():
+            match = IMPORT.match(line)
+            if match and match.group(1):
+                modules.append(match.group(1))
+            elif match:
+                modules += [part.split()[0] for part in match.group(2).split(",")]
+    return [m for m in dict.fromkeys(modules) if m != "__future__"]
+
+
+def warm_up_code(modules: list[str]) -> str:
+    """Kernel code that imports ``modules`` and leaves the user's namespace as it found it (errors are left for the
+    notebook's own import to raise, where the reader sees them)."""
+    return (f"def _phi3_lab_warm_up(names={modules!r}):\n"
+            "    import importlib\n"
+            "    for name in names:\n"
+            "        try:\n"
+            "            importlib.import_module(name)\n"
+            "        except BaseException:\n"
+            "            pass\n"
+            "_phi3_lab_warm_up()\n"
+            "del _phi3_lab_warm_up\n")
+
+
+class WarmKernel:
+    """A kernel for ``path``, started now and importing that notebook's modules in a background thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(cwd=str(path.parent))
+        code = warm_up_code(imported_modules(nbformat.read(path, as_version=4)))
+        self._thread = threading.Thread(target=self._import, args=(code,), daemon=True)
+        self._thread.start()
+
+    def _import(self, code: str) -> None:
+        client = self.manager.blocking_client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=120)
+            msg_id = client.execute(code, silent=True, store_history=False)
+            while client.get_shell_msg(timeout=600)["parent_header"].get("msg_id") != msg_id:
+                pass
+        except Exception:  # noqa: BLE001 - a kernel that cannot warm up is still a kernel; the chapter will tell
+            pass
+        finally:
+            client.stop_channels()
+
+    def ready(self) -> KernelManager:
+        """The kernel manager, once the imports are done (or have failed)."""
+        self._thread.join()
+        return self.manager
+
+    def shutdown(self) -> None:
+        self._thread.join(timeout=5)
+        if self.manager.has_kernel:
+            self.manager.shutdown_kernel(now=True)
+
+
+def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None = None,
+            next_path: Path | None = None) -> tuple[dict, WarmKernel | None]:
+    """Run one notebook top to bottom, in ``kernel`` if given (else a fresh one); returns its timing and
+    peak-memory report (raises on a failing cell) and, if ``next_path`` is given, the next notebook's warm kernel,
+    started as soon as this one's cells begin."""
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(MEMORY_PROBE))
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
-    client = NotebookClient(nb, timeout=None, kernel_name="python3", record_timing=True,
-                            resources={"metadata": {"path": str(path.parent)}})
     started, cpu_before = time.perf_counter(), cpu_seconds()
-    client.execute()  # starts the kernel and shuts it down (reaped): its CPU time counts
+    manager = kernel.ready() if kernel else KernelManager(kernel_name="python3")
+    client = NotebookClient(nb, km=manager, timeout=None, kernel_name="python3", record_timing=True,
+                            resources={"metadata": {"path": str(path.parent)}})
+    following = WarmKernel(next_path) if next_path else None
+    try:
+        client.execute()  # starts the kernel unless it is warm
+    except BaseException:
+        if following:
+            following.shutdown()
+        raise
+    finally:
+        if manager.has_kernel:  # shut down and reaped: its CPU time counts
+            manager.shutdown_kernel(now=True)
     total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     memory = peak_memory(nb.cells.pop())
     cells = [(i, cell_seconds(c), "".join(c.source)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
@@ -129,7 +218,7 @@ def execute(path: Path, in_place: bool, out_dir: Path) -> dict:
             "cells_seconds": round(sum(c[1] for c in cells), 1),
             "slowest_cells": [{k: c[k] for k in ("cell", "seconds", "starts")}
                               for c in sorted(recorded, key=lambda c: -c["seconds"])[:3]],
-            "cells": recorded, "peak_memory_mib": memory, "written": str(target)}
+            "cells": recorded, "peak_memory_mib": memory, "written": str(target)}, following
 
 
 def main() -> int:
@@ -138,6 +227,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", default=[], help="chapter numbers to run, e.g. 00 03")
     parser.add_argument("--solutions", action="store_true",
                         help="after the chapters, run their worked solutions (notebooks/solutions/) too")
+    parser.add_argument("--cold", action="store_true",
+                        help="start each chapter's kernel when it begins (no warm kernel importing ahead)")
     args = parser.parse_args()
     args.only = [n.zfill(2) if re.fullmatch(r"[0-9]", n) else n for n in args.only]  # "3" means chapter 03
     chapters = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -157,19 +248,26 @@ def main() -> int:
     if args.solutions:
         paths += [p for p in sorted((NOTEBOOKS / "solutions").glob("[0-9][0-9]_*.ipynb"))
                   if not args.only or p.name[:2] in args.only]
-    reports, started = [], time.perf_counter()
-    for path in paths:
+    reports, started, warm = [], time.perf_counter(), None
+    warm_kernels = config.is_miniature() and not args.cold
+    for i, path in enumerate(paths):
         print(f"running {path.name} ...", flush=True)
+        following = paths[i + 1] if warm_kernels and i + 1 < len(paths) else None
         try:
-            reports.append(execute(path, args.in_place, out_dir))
+            report, warm = execute(path, args.in_place, out_dir, kernel=warm, next_path=following)
+            reports.append(report)
         except CellExecutionError as err:
             print(failure_report(path, err), file=sys.stderr)
             return 1
+        except BaseException:  # Ctrl-C: no kernel is left behind
+            if warm:
+                warm.shutdown()
+            raise
         peak = reports[-1]["peak_memory_mib"].get("process_mib", 0)
         print(f"  done in {reports[-1]['seconds']:.1f} s ({reports[-1]['cpu_seconds']:.1f} s CPU), peak memory "
               f"{peak:,} MiB -> {reports[-1]['written']}", flush=True)
     total = time.perf_counter() - started
-    summary = {"model": config.model_id(), "total_seconds": round(total, 1),
+    summary = {"model": config.model_id(), "warm_kernels": warm_kernels, "total_seconds": round(total, 1),
                "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
                "load_average": [round(x, 2) for x in os.getloadavg()], "chapters": reports,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,4 +1,5 @@
-"""scripts/run_series.py: no per-cell timeout, and a failure that names the cell and the project's own frames."""
+"""scripts/run_series.py: no per-cell timeout, a failure that names the cell and the project's own frames, and the
+next chapter's kernel warmed up while the current one runs."""
 
 from __future__ import annotations
 
@@ -62,8 +63,43 @@ def test_each_chapter_reports_its_kernels_peak_memory_and_the_probe_is_not_saved
     path = tmp_path / "97_alloc.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = bytearray(300 * 2**20)")]), path)
     (tmp_path / "out").mkdir()
-    report = runner.execute(path, in_place=False, out_dir=tmp_path / "out")
+    report, following = runner.execute(path, in_place=False, out_dir=tmp_path / "out")
+    assert following is None
     assert report["peak_memory_mib"]["process_mib"] >= 300  # the kernel held 300 MiB at once
     assert report["cpu_seconds"] >= 0.3, "the kernel's CPU time (starting Python and IPython alone takes more)"
     saved = nbformat.read(tmp_path / "out" / "97_alloc.ipynb", as_version=4)
     assert len(saved.cells) == 1 and "PEAK_MEMORY" not in str(saved)
+
+
+def test_the_modules_a_notebook_imports_are_read_from_its_cells() -> None:
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("import markdown_is_not_code"),
+        nbformat.v4.new_code_cell("from __future__ import annotations\nimport os, sys as system\n"
+                                  "from utils.models import hardware_report\nif True:\n    import indented_is_left\n"
+                                  "x = 1  # import not_at_line_start"),
+        nbformat.v4.new_code_cell("import os\nimport matplotlib.pyplot as plt\nfrom peft import (LoraConfig,\n"
+                                  "    PeftModel)")])
+    assert _runner().imported_modules(nb) == ["os", "sys", "utils.models", "matplotlib.pyplot", "peft"]
+
+
+def test_the_next_chapters_kernel_has_imported_its_modules_but_defines_nothing(tmp_path: Path) -> None:
+    """While chapter A runs, chapter B's kernel imports B's modules; B then runs in it from execution count 1, its
+    namespace clean, and every kernel is shut down at the end."""
+    runner = _runner()
+    first, second = tmp_path / "96_first.ipynb", tmp_path / "97_second.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import time\ntime.sleep(1)")]), first)
+    probe = "import sys\nprint('colorsys' in sys.modules, 'colorsys' in dir())"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(probe),
+                                                   nbformat.v4.new_code_cell("import colorsys")]), second)
+    (tmp_path / "out").mkdir()
+    _, warm = runner.execute(first, in_place=False, out_dir=tmp_path / "out", next_path=second)
+    assert warm is not None
+    _, none = runner.execute(second, in_place=False, out_dir=tmp_path / "out", kernel=warm)
+    assert none is None and not warm.manager.has_kernel
+    cell = nbformat.read(tmp_path / "out" / second.name, as_version=4).cells[0]
+    assert cell.execution_count == 1
+    assert cell.outputs[0]["text"] == "True False\n"
+
+    _, _ = runner.execute(second, in_place=False, out_dir=tmp_path / "out")  # cold: nothing imported ahead
+    cold = nbformat.read(tmp_path / "out" / second.name, as_version=4).cells[0]
+    assert cold.outputs[0]["text"] == "False False\n"
