@@ -10,7 +10,9 @@ restart), and every library the chapters import imports, in a fresh process as a
 Not Colab itself, and where it differs: **torch 2.13.0 (CPU) stands in for Colab's torch 2.11.0+cu128**, which has
 no CPU build on this machine (a CUDA build is gigabytes); the test's claim about torch is that the install does
 not touch it, whatever its version. Python is this machine's 3.11 (Colab: 3.12). Colab's setuptools and ipywidgets
-stack are left out (see ``LEFT_OUT``). Needs PyPI; about 3-6 minutes with a warm pip cache (2-core machine).
+stack are left out (see ``LEFT_OUT``). Needs PyPI; 8 min 26 s on 2026-12-03 with a warm pip cache that
+also held the llama-cpp-python wheel pip had built before (2-core machine, shared with another run); from a cold
+cache pip compiles llama.cpp first (README).
 """
 
 from __future__ import annotations
