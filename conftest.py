@@ -24,6 +24,7 @@ SYNC = "PHI3_LAB_TEST_SYNC"  # a folder that the workers share: one file per cha
 CHAPTERS_UNIT = "chapters, in order"
 SIDE_CHAPTERS = ("08", "09")
 SIDE_UNIT = "chapters 08-09, after 01"
+CHAPTER_KINDS = ("chapter", "side chapter")
 WAIT_LIMIT_S = 3 * 3600
 
 
@@ -69,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if hasattr(config, "workerinput"):  # the queue: chapters, unit tests, solutions (order kept within each)
+    if hasattr(config, "workerinput"):  # the queue: chapters, chapters 08-09, unit tests, solutions (order kept)
         rank = {"chapter": 0, "side chapter": 1, "unit": 2, "solution": 3}
         items[:] = sorted(items, key=lambda item: rank[_kind(item.nodeid)])
 
@@ -85,7 +86,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     class ChaptersInOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             kind = _kind(nodeid)
-            if kind in ("chapter", "side chapter"):
+            if kind in CHAPTER_KINDS:
                 return CHAPTERS_UNIT if kind == "chapter" else SIDE_UNIT
             return nodeid.split("::")[0] if kind == "solution" else nodeid
 
@@ -94,7 +95,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     sync = os.environ.get(SYNC)
-    if sync and "chapter" in _kind(item.nodeid) and (nextitem is None or nextitem.path != item.path):
+    if sync and _kind(item.nodeid) in CHAPTER_KINDS and (nextitem is None or nextitem.path != item.path):
         (Path(sync) / item.path.name).touch()  # this chapter's last cell has run (passed or not)
 
 
@@ -109,7 +110,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if getattr(item.parent, "_phi3_waited", False):
         return
     own = item.path.name[:2]
-    in_session = {i.path.name for i in item.session.items if "chapter" in _kind(i.nodeid)}
+    in_session = {i.path.name for i in item.session.items if _kind(i.nodeid) in CHAPTER_KINDS}
     if kind == "side chapter":
         needed = {name for name in in_session if name[:2] in READS.get(own, [])}
     else:
