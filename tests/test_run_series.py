@@ -100,6 +100,6 @@ def test_the_next_chapters_kernel_has_imported_its_modules_but_defines_nothing(t
     assert cell.execution_count == 1
     assert cell.outputs[0]["text"] == "True False\n"
 
-    _, _ = runner.execute(second, in_place=False, out_dir=tmp_path / "out")  # cold: nothing imported ahead
+    runner.execute(second, in_place=False, out_dir=tmp_path / "out")  # cold: nothing imported ahead
     cold = nbformat.read(tmp_path / "out" / second.name, as_version=4).cells[0]
     assert cold.outputs[0]["text"] == "False False\n"
