@@ -16,6 +16,7 @@ CUDA libraries) beside a chapter that fills the machine is not worth a few secon
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
+import psutil
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
@@ -108,6 +110,88 @@ def peak_memory(cell: nbformat.NotebookNode) -> dict:
     return {k: round(v) for k, v in json.loads(line.removeprefix("PEAK_MEMORY ")).items()} if line else {}
 
 
+class CellMemory:
+    """Each cell's peak memory, read from outside the kernel: nothing runs in it, so its namespace and execution
+    counts stay the notebook's own.
+
+    Before a cell, the kernel's high-water mark is reset (Linux: ``/proc/<pid>/clear_refs``); after it, the mark is
+    that cell's exact peak (``peak_mib``). That peak counts the pages of memory-mapped files too: transformers maps a
+    safetensors checkpoint and reads its weights in place when their dtype matches, so a model loaded that way is
+    page cache, which the system can drop and read again, not memory the kernel allocated. A thread samples the
+    kernel's allocated (anonymous) memory every ``interval`` seconds (``anon_peak_mib``), and the resident memory of
+    its descendants, the processes a cell starts (a converter, a quantizer; ``children_peak_mib``): those two are
+    sampled, not exact. Elsewhere than Linux, only the sampled resident peak is kept.
+    """
+
+    def __init__(self, manager: KernelManager, interval: float = 0.05) -> None:
+        self.manager, self.interval = manager, interval
+        self.cells: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._sampled = {"kernel": 0, "anon": 0, "children": 0}
+
+    def _kernel(self) -> psutil.Process | None:
+        pid = getattr(self.manager.provisioner, "pid", None)
+        try:
+            return psutil.Process(pid) if pid else None
+        except psutil.Error:
+            return None
+
+    @staticmethod
+    def _status(pid: int) -> dict[str, int]:
+        """VmHWM, VmRSS and RssAnon (KiB) from /proc; empty where there is no /proc."""
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except OSError:
+            return {}
+        wanted = ("VmHWM", "VmRSS", "RssAnon")
+        return {k: int(v.split()[0]) for k, v in (l.split(":", 1) for l in lines if l.startswith(wanted))}
+
+    def _sample(self, kernel: psutil.Process) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                children = kernel.children(recursive=True)
+                self._sampled["kernel"] = max(self._sampled["kernel"], kernel.memory_info().rss)
+            except psutil.Error:
+                return
+            anon = self._status(kernel.pid).get("RssAnon", 0) * 1024
+            self._sampled["anon"] = max(self._sampled["anon"], anon)
+            resident = 0
+            for child in children:
+                try:
+                    resident += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self._sampled["children"] = max(self._sampled["children"], resident)
+
+    def on_cell_start(self, cell: nbformat.NotebookNode, cell_index: int, **_: object) -> None:
+        kernel = self._kernel()
+        if kernel is None or cell.cell_type != "code":
+            return
+        try:
+            Path(f"/proc/{kernel.pid}/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+        except OSError:
+            pass
+        self._sampled = {"kernel": 0, "anon": self._status(kernel.pid).get("RssAnon", 0) * 1024, "children": 0}
+        self._stop.clear()
+        self._sampler = threading.Thread(target=self._sample, args=(kernel,), daemon=True)
+        self._sampler.start()
+
+    def on_cell_executed(self, cell: nbformat.NotebookNode, cell_index: int, **_: object) -> None:
+        kernel = self._kernel()
+        if self._sampler is None or kernel is None:
+            return
+        self._stop.set()
+        self._sampler.join()
+        self._sampler = None
+        status = self._status(kernel.pid)
+        peak = status.get("VmHWM", 0) * 1024 or self._sampled["kernel"]
+        anon = max(self._sampled["anon"], status.get("RssAnon", 0) * 1024)
+        self.cells[cell_index] = {"peak_mib": round(peak / 2**20), "end_mib": round(status.get("VmRSS", 0) / 1024),
+                                  **({"anon_peak_mib": round(anon / 2**20)} if anon else {}),
+                                  "children_peak_mib": round(self._sampled["children"] / 2**20)}
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its finished children (the chapters' kernels, once shut down).
 
@@ -136,14 +220,59 @@ def imported_modules(nb: nbformat.NotebookNode) -> list[str]:
     return [m for m in dict.fromkeys(modules) if m != "__future__"]
 
 
+def project_file(module: str) -> Path | None:
+    """The project's own source file of ``module`` (``utils.models`` -> utils/models.py), None for a library's."""
+    base = config.PROJECT_ROOT.joinpath(*module.split("."))
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def deferred_imports(modules: list[str]) -> list[str]:
+    """``modules`` followed by what the project's own modules among them import inside their functions.
+
+    ``utils`` defers its heavy imports to the functions that need them (``load_tokenizer`` imports transformers and
+    trl when called), so importing ``utils.models`` alone leaves a chapter's first ``load_tokenizer()`` seconds of
+    importing. Read from the source (``ast``), nothing is run: every import in a listed project module, and the
+    module-level imports of the project modules those bring in (what importing them does, not every function they
+    have). A name imported from a module (``from trl import SFTTrainer``) is listed as ``trl.SFTTrainer`` too, which
+    loads the lazily exported attribute if it is one.
+    """
+    found = list(dict.fromkeys(modules))
+    queue = [(m, True) for m in found]
+    while queue:
+        module, whole = queue.pop(0)
+        source = project_file(module)
+        if source is None:
+            continue
+        tree = ast.parse(source.read_text(), str(source))
+        for node in ast.walk(tree) if whole else tree.body:
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                if name not in found and name.split(".")[0] != "__future__":
+                    found.append(name)
+                    queue.append((name, False))
+    return found
+
+
 def warm_up_code(modules: list[str]) -> str:
-    """Kernel code that imports ``modules`` and leaves the user's namespace as it found it (errors are left for the
+    """Kernel code that imports ``modules`` (``package.attribute`` when it is no module: the attribute is fetched,
+    which loads a lazily exported one) and leaves the user's namespace as it found it (errors are left for the
     notebook's own import to raise, where the reader sees them)."""
     return (f"def _phi3_lab_warm_up(names={modules!r}):\n"
             "    import importlib\n"
             "    for name in names:\n"
             "        try:\n"
             "            importlib.import_module(name)\n"
+            "        except ImportError:\n"
+            "            try:\n"
+            "                parent, _, attribute = name.rpartition('.')\n"
+            "                getattr(importlib.import_module(parent), attribute)\n"
+            "            except BaseException:\n"
+            "                pass\n"
             "        except BaseException:\n"
             "            pass\n"
             "_phi3_lab_warm_up()\n"
@@ -156,7 +285,7 @@ class WarmKernel:
     def __init__(self, path: Path) -> None:
         self.manager = KernelManager(kernel_name="python3")
         self.manager.start_kernel(cwd=str(path.parent))
-        code = warm_up_code(imported_modules(nbformat.read(path, as_version=4)))
+        code = warm_up_code(deferred_imports(imported_modules(nbformat.read(path, as_version=4))))
         self._thread = threading.Thread(target=self._import, args=(code,), daemon=True)
         self._thread.start()
 
@@ -194,8 +323,10 @@ def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
     started, cpu_before = time.perf_counter(), cpu_seconds()
     manager = kernel.ready() if kernel else KernelManager(kernel_name="python3")
+    memory_by_cell = CellMemory(manager)
     client = NotebookClient(nb, km=manager, timeout=None, kernel_name="python3", record_timing=True,
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_start=memory_by_cell.on_cell_start, on_cell_executed=memory_by_cell.on_cell_executed)
     following = WarmKernel(next_path) if next_path else None
     try:
         client.execute()  # starts the kernel unless it is warm
@@ -208,12 +339,18 @@ def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None
             manager.shutdown_kernel(now=True)
     total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
     memory = peak_memory(nb.cells.pop())
+    by_cell = [m for i, m in memory_by_cell.cells.items() if i < len(nb.cells)]
+    if by_cell and "process_mib" in memory:  # resetting the high-water mark resets ru_maxrss too: the cells' maximum
+        memory["process_mib"] = max(memory["process_mib"], *(m["peak_mib"] for m in by_cell))
+        memory["children_mib"] = max(m["children_peak_mib"] for m in by_cell)
+        if all("anon_peak_mib" in m for m in by_cell):
+            memory["anon_mib"] = max(m["anon_peak_mib"] for m in by_cell)
     cells = [(i, cell_seconds(c), "".join(c.source)) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
     strip_volatile(nb)
     target = path if in_place else out_dir / path.name
     nbformat.write(nb, target)
-    recorded = [{"cell": i, "seconds": round(s, 2), "starts": src.splitlines()[0][:60] if src else "", "source": src}
-                for i, s, src in cells]
+    recorded = [{"cell": i, "seconds": round(s, 2), "starts": src.splitlines()[0][:60] if src else "", "source": src,
+                 **memory_by_cell.cells.get(i, {})} for i, s, src in cells]
     return {"notebook": path.name, "seconds": round(total, 1), "cpu_seconds": round(cpu, 1),
             "cells_seconds": round(sum(c[1] for c in cells), 1),
             "slowest_cells": [{k: c[k] for k in ("cell", "seconds", "starts")}

@@ -69,6 +69,27 @@ def test_int4_export_is_smaller_and_checked_as_int4(exports: dict[str, Path]):
     assert "bits=[4]" in check_export(exports["int4"], "int8")
 
 
+def test_an_export_leaves_no_builder_object_in_memory(tiny_model_dir: Path, tmp_path: Path):
+    """The builder's objects sit in reference cycles; left to Python's next full collection, a second export (or a
+    model loaded next) would stack on the first's weights. export_onnx frees them before it returns."""
+    import gc
+
+    def builder_objects() -> int:  # the loaded model's modules and the graph built from them
+        return sum(str(getattr(type(o), "__module__", "")).startswith(("onnx_ir", "transformers.models.phi3"))
+                   for o in gc.get_objects())
+
+    export_onnx(tiny_model_dir, tmp_path / "first", "int4")  # what the first export imports and caches stays
+    gc.collect()
+    before = builder_objects()
+    gc.disable()  # no automatic collection may do export_onnx's work for it
+    try:
+        export_onnx(tiny_model_dir, tmp_path / "int4", "int4")
+        left = builder_objects()
+    finally:
+        gc.enable()
+    assert left == before
+
+
 def test_export_refuses_an_adapter_folder_and_unknown_precision(tmp_path: Path):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):

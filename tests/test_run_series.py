@@ -71,6 +71,39 @@ def test_each_chapter_reports_its_kernels_peak_memory_and_the_probe_is_not_saved
     assert len(saved.cells) == 1 and "PEAK_MEMORY" not in str(saved)
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="exact per-cell peaks need Linux's /proc")
+def test_each_cell_reports_its_own_peak_and_the_processes_it_starts(tmp_path: Path) -> None:
+    """A cell's peak is its own (the high-water mark is reset between cells), what it still holds at its end is
+    there too, memory held by a process the cell starts is sampled beside the kernel's, and the pages of a mapped
+    file (a safetensors checkpoint read in place) are told apart from allocated memory."""
+    runner = _runner()
+    path = tmp_path / "95_cells.ipynb"
+    child = ("import subprocess, sys\nsubprocess.run([sys.executable, '-c', "
+             "'import time; x = bytearray(200 * 2**20); time.sleep(1.5)'], check=True)")
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"\1" * (200 * 2**20))
+    mapped = (f"import mmap\nwith open({str(data)!r}, 'rb') as f:\n    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+              "total = sum(m[i] for i in range(0, len(m), 4096))\nm.close()")
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import time\nx = bytearray(300 * 2**20)\ntime.sleep(0.3)  # sampled every 0.05 s\ndel x"),
+        nbformat.v4.new_markdown_cell("between"),
+        nbformat.v4.new_code_cell("y = bytearray(100 * 2**20)"),
+        nbformat.v4.new_code_cell(child),
+        nbformat.v4.new_code_cell(mapped)]), path)
+    (tmp_path / "out").mkdir()
+    report, _ = runner.execute(path, in_place=False, out_dir=tmp_path / "out")
+    first, second, third, fourth = report["cells"]
+    assert [c["cell"] for c in report["cells"]] == [0, 2, 3, 4]
+    assert first["peak_mib"] >= first["end_mib"] + 290, "the first cell freed its 300 MiB"
+    assert second["peak_mib"] < first["peak_mib"] - 150, "the second cell's peak does not include the first's"
+    assert second["end_mib"] >= first["end_mib"] + 95, "the second cell holds its 100 MiB at its end"
+    assert third["children_peak_mib"] >= 150 and first["children_peak_mib"] < 50
+    assert first["anon_peak_mib"] >= 290, "allocated memory is sampled as allocated"
+    assert fourth["peak_mib"] >= fourth["anon_peak_mib"] + 150, "a mapped file's pages count as resident, not allocated"
+    assert report["peak_memory_mib"]["process_mib"] >= 300, "the chapter's peak is its highest cell's"
+    assert report["peak_memory_mib"]["children_mib"] == third["children_peak_mib"]
+
+
 def test_the_modules_a_notebook_imports_are_read_from_its_cells() -> None:
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("import markdown_is_not_code"),
@@ -80,6 +113,18 @@ def test_the_modules_a_notebook_imports_are_read_from_its_cells() -> None:
         nbformat.v4.new_code_cell("import os\nimport matplotlib.pyplot as plt\nfrom peft import (LoraConfig,\n"
                                   "    PeftModel)")])
     assert _runner().imported_modules(nb) == ["os", "sys", "utils.models", "matplotlib.pyplot", "peft"]
+
+
+def test_warm_up_follows_the_imports_utils_defers_to_its_functions() -> None:
+    """``load_tokenizer`` imports transformers and TRL when called: a warm kernel imports those too, but of a project
+    module that is only brought in, just what importing it does (not every function's imports)."""
+    runner = _runner()
+    found = runner.deferred_imports(["utils.models"])
+    assert found[0] == "utils.models"
+    assert {"transformers.AutoTokenizer", "utils.prompts", "utils.prompts.ensure_trainable_template"} <= set(found)
+    assert "trl.chat_template_utils" not in found, "utils.prompts imports it inside a function: not followed"
+    assert "trl.chat_template_utils" in runner.deferred_imports(["utils.prompts"])
+    assert runner.deferred_imports(["colorsys"]) == ["colorsys"], "a library's source is not read"
 
 
 def test_the_next_chapters_kernel_has_imported_its_modules_but_defines_nothing(tmp_path: Path) -> None:

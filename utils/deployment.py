@@ -9,6 +9,7 @@ widget's plumbing, the model card's text and the answer checks of the exercises.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import shlex
@@ -53,6 +54,11 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
     Same as :func:`builder_command`'s command line, without starting a new Python (the builder imports torch and
     transformers, several seconds each time). The builder's own log goes to ``OUTPUT_PARENT/logs/OUTPUT_NAME.log``,
     outside the model folder, so that it is neither uploaded nor listed in the model card.
+
+    The builder's model object (the loaded weights and the graph built from them) sits in reference cycles that
+    Python frees only at its next full garbage collection, often cells later: a second export would stack on top of
+    the first. So the export ends with ``gc.collect()``: measured on the 2-layer Phi-3-Mini-shaped stand-in, it
+    returned 1.8 GB to the system.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -80,6 +86,7 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
                            f"file") from err
     finally:
         quant_logger.level = level
+        gc.collect()
     return Export(output, precision, builder_command(source, output, precision, execution_provider, extra_options),
                   time.perf_counter() - start)
 
