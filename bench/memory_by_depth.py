@@ -6,11 +6,17 @@
 
 Phi-3 Mini cannot be downloaded here, and no GPU is at hand, so this measures what can be measured: the series runs
 (``scripts/smoke_real_shape.py``: short run, real batch sizes) on stand-ins with Phi-3 Mini's exact width,
-vocabulary and tokenizer layout but 1 and 2 decoder layers, and each chapter's kernel reports its peak resident
-memory. Everything that grows with depth (weights, gradients, optimizer state, activations, KV cache) grows
-linearly in the number of layers, so per chapter
+vocabulary and tokenizer layout but 1 and 2 decoder layers, and ``scripts/run_series.py`` reports each chapter's
+peak memory, cell by cell. Everything that grows with depth (weights, gradients, optimizer state, activations, KV
+cache) grows linearly in the number of layers, so per chapter
 
     peak(L) = fixed + L * per_layer,   fitted on L = 1, 2,   extrapolated to L = 32.
+
+The peak fitted is the kernel's *allocated* memory (anonymous pages, sampled every 0.05 s), not its resident set:
+transformers reads an fp32 safetensors checkpoint in place (memory-mapped), and those pages are page cache that
+the system drops when it needs the room, and that on a GPU never leave the host. The resident peak, which counts
+them, is kept in the JSON (``resident_*``). Runs recorded before the allocated peak existed fall back to the
+resident one.
 
 That is the chapter's peak on a CPU in fp32. On a GPU the chapters load the model in bf16 (fp16 on a T4): the
 estimate halves everything above the process's baseline (the Python, torch and library code, measured as the peak
@@ -39,9 +45,10 @@ GPUS = [("Colab T4", 15), ("L4", 24), ("A100 40 GB", 40), ("A100 80 GB", 80)]  #
 HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX models on the CPU
 
 
-def chapter_peaks(layers: int, reuse: bool, only: list[str]) -> dict[str, int]:
-    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in: run now unless ``reuse``; with
-    ``only``, those chapters are run again and replace their entries in the earlier run's report."""
+def chapter_peaks(layers: int, reuse: bool, only: list[str], resident: bool = False) -> dict[str, int]:
+    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in, allocated memory (the resident peak
+    with ``resident``, or where a run recorded no allocated peak): run now unless ``reuse``; with ``only``, those
+    chapters are run again and replace their entries in the earlier run's report."""
     report = config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json"
     earlier = json.loads(report.read_text()) if only else None
     if not reuse:
@@ -52,7 +59,8 @@ def chapter_peaks(layers: int, reuse: bool, only: list[str]) -> dict[str, int]:
         again = {c["notebook"]: c for c in chapters}
         chapters = [again.get(c["notebook"], c) for c in earlier["chapters"]]
         report.write_text(json.dumps({**earlier, "chapters": chapters}, indent=2))
-    return {c["notebook"].removesuffix(".ipynb"): c["peak_memory_mib"]["process_mib"] for c in chapters}
+    key = lambda peak: peak["process_mib"] if resident else peak.get("anon_mib", peak["process_mib"])  # noqa: E731
+    return {c["notebook"].removesuffix(".ipynb"): key(c["peak_memory_mib"]) for c in chapters}
 
 
 def smallest_gpu(gib: float) -> str:
@@ -79,14 +87,16 @@ def estimate(peaks: dict[int, dict[str, int]]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """The README's table."""
-    lines = ["| chapter | measured peak, 1 / 2 layers (CPU, fp32) | per layer | Phi-3 Mini, CPU fp32 | "
+    lines = ["| chapter | allocated peak, 1 / 2 layers (CPU, fp32; resident) | per layer | Phi-3 Mini, CPU fp32 | "
              "Phi-3 Mini, GPU 16-bit (est.) | smallest GPU |", "|---|---|---|---|---|---|"]
     for r in rows:
         gpu, smallest = f"{r['gpu_16bit_gib']} GiB", r["smallest_gpu"]
         if r["chapter"] in HOST_RAM_CHAPTERS:  # ONNX Runtime and its builder run on the CPU: the peak is host RAM
             gpu, smallest = "– (CPU)", f"any, with {r['cpu_fp32_32_layers_gib']:.0f} GiB of RAM"
+        resident = (f" ({r['resident_measured_1_layers_mib'] / 1024:.1f} / {r['resident_measured_2_layers_mib'] / 1024:.1f})"
+                    if "resident_measured_1_layers_mib" in r else "")
         lines.append(f"| {r['chapter']} | {r['measured_1_layers_mib'] / 1024:.1f} / "
-                     f"{r['measured_2_layers_mib'] / 1024:.1f} GiB | {r['per_layer_mib']} MiB | "
+                     f"{r['measured_2_layers_mib'] / 1024:.1f} GiB{resident} | {r['per_layer_mib']} MiB | "
                      f"{r['cpu_fp32_32_layers_gib']} GiB | {gpu} | {smallest} |")
     return "\n".join(lines)
 
@@ -99,6 +109,9 @@ def main() -> int:
     args = parser.parse_args()
     peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
     rows = estimate(peaks)
+    resident = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], resident=True) for l in DEPTHS})}
+    for row in rows:
+        row.update({f"resident_{k}": v for k, v in resident[row["chapter"]].items() if k != "chapter"})
     out = config.outputs_dir() / "bench" / "memory_by_depth.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python bench/memory_by_depth.py", "depths": DEPTHS,
