@@ -12,11 +12,11 @@ cache) grows linearly in the number of layers, so per chapter
 
     peak(L) = fixed + L * per_layer,   fitted on L = 1, 2,   extrapolated to L = 32.
 
-The peak fitted is the kernel's *allocated* memory (anonymous pages, sampled every 0.05 s), not its resident set:
-transformers reads an fp32 safetensors checkpoint in place (memory-mapped), and those pages are page cache that
-the system drops when it needs the room, and that on a GPU never leave the host. The resident peak, which counts
-them, is kept in the JSON (``resident_*``). Runs recorded before the allocated peak existed fall back to the
-resident one.
+The peak fitted is the kernel's resident peak, exact per cell. It is pessimistic for a GPU: it also counts the
+page cache of a memory-mapped checkpoint while a CPU run casts it to fp32. The kernel's *allocated* memory
+(anonymous pages, sampled every 0.05 s) leaves that out but also leaves out a model read in place from an fp32
+checkpoint, which a GPU would hold; it is fitted too and kept in the JSON (``allocated_*``) and in the table's
+brackets. Runs recorded before the allocated peak existed have only the resident one.
 
 That is the chapter's peak on a CPU in fp32. On a GPU the chapters load the model in bf16 (fp16 on a T4): the
 estimate halves everything above the process's baseline (the Python, torch and library code, measured as the peak
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -45,13 +46,16 @@ GPUS = [("Colab T4", 15), ("L4", 24), ("A100 40 GB", 40), ("A100 80 GB", 80)]  #
 HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX models on the CPU
 
 
-def chapter_peaks(layers: int, reuse: bool, only: list[str], resident: bool = False) -> dict[str, int]:
-    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in, allocated memory (the resident peak
-    with ``resident``, or where a run recorded no allocated peak): run now unless ``reuse``; with ``only``, those
-    chapters are run again and replace their entries in the earlier run's report."""
+def chapter_peaks(layers: int, reuse: bool, only: list[str], allocated: bool = False) -> dict[str, int]:
+    """``{chapter: peak MiB}`` of the series on the ``layers``-layer stand-in, resident (with ``allocated``, the
+    allocated peak where the run recorded one): run now unless ``reuse``; with ``only``, those chapters are run
+    again and replace their entries in the earlier run's report."""
     report = config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json"
     earlier = json.loads(report.read_text()) if only else None
     if not reuse:
+        # Chapter 08 resumes its grid from finished runs; a resumed grid trains nothing, so its peak says nothing.
+        if not only or "08" in only:
+            shutil.rmtree(report.parent / "experiments", ignore_errors=True)
         subprocess.run([sys.executable, str(config.PROJECT_ROOT / "scripts" / "smoke_real_shape.py"),
                         "--layers", str(layers), *(["--only", *only] if only else [])], check=True)
     chapters = json.loads(report.read_text())["chapters"]
@@ -59,8 +63,30 @@ def chapter_peaks(layers: int, reuse: bool, only: list[str], resident: bool = Fa
         again = {c["notebook"]: c for c in chapters}
         chapters = [again.get(c["notebook"], c) for c in earlier["chapters"]]
         report.write_text(json.dumps({**earlier, "chapters": chapters}, indent=2))
-    key = lambda peak: peak["process_mib"] if resident else peak.get("anon_mib", peak["process_mib"])  # noqa: E731
+    key = lambda peak: peak.get("anon_mib", peak["process_mib"]) if allocated else peak["process_mib"]  # noqa: E731
     return {c["notebook"].removesuffix(".ipynb"): key(c["peak_memory_mib"]) for c in chapters}
+
+
+def peak_cells(layers: int) -> dict[str, dict]:
+    """Per chapter, the cell whose resident peak grows most from the other depth's run to this one's: the step
+    that sets the chapter's peak on Phi-3 Mini (index, first line, and its peak at 1 and 2 layers, MiB)."""
+    runs = {l: json.loads((config.outputs_dir() / "real-shape" / f"{l}-layers" / "run_times.json").read_text())
+            for l in DEPTHS}
+    found = {}
+    for chapter in runs[layers]["chapters"]:
+        other = next((c for c in runs[DEPTHS[0]]["chapters"] if c["notebook"] == chapter["notebook"]), None)
+        if other is None or not all("peak_mib" in c for c in chapter["cells"] + other["cells"]):  # older runs
+            continue
+        first = {c["cell"]: c["peak_mib"] for c in other["cells"]}
+        at_32 = {c["cell"]: first[c["cell"]] + (REAL_LAYERS - DEPTHS[0]) * (c["peak_mib"] - first[c["cell"]])
+                 / (layers - DEPTHS[0]) for c in chapter["cells"] if c["cell"] in first}
+        cell = max(at_32, key=at_32.get)
+        starts = next(c["starts"] for c in chapter["cells"] if c["cell"] == cell)
+        found[chapter["notebook"].removesuffix(".ipynb")] = {"cell": cell, "starts": starts,
+                                                            "peaks_mib": [first[cell], next(
+                                                                c["peak_mib"] for c in chapter["cells"]
+                                                                if c["cell"] == cell)]}
+    return found
 
 
 def smallest_gpu(gib: float) -> str:
@@ -87,17 +113,21 @@ def estimate(peaks: dict[int, dict[str, int]]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     """The README's table."""
-    lines = ["| chapter | allocated peak, 1 / 2 layers (CPU, fp32; resident) | per layer | Phi-3 Mini, CPU fp32 | "
-             "Phi-3 Mini, GPU 16-bit (est.) | smallest GPU |", "|---|---|---|---|---|---|"]
+    lines = ["| chapter | resident peak, 1 / 2 layers (CPU, fp32; allocated) | per layer | "
+             "Phi-3 Mini, CPU fp32 (allocated) | Phi-3 Mini, GPU 16-bit (est.) | smallest GPU |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         gpu, smallest = f"{r['gpu_16bit_gib']} GiB", r["smallest_gpu"]
         if r["chapter"] in HOST_RAM_CHAPTERS:  # ONNX Runtime and its builder run on the CPU: the peak is host RAM
             gpu, smallest = "– (CPU)", f"any, with {r['cpu_fp32_32_layers_gib']:.0f} GiB of RAM"
-        resident = (f" ({r['resident_measured_1_layers_mib'] / 1024:.1f} / {r['resident_measured_2_layers_mib'] / 1024:.1f})"
-                    if "resident_measured_1_layers_mib" in r else "")
+        allocated = allocated_32 = ""
+        if "allocated_measured_1_layers_mib" in r:
+            allocated = (f" ({r['allocated_measured_1_layers_mib'] / 1024:.1f} / "
+                         f"{r['allocated_measured_2_layers_mib'] / 1024:.1f})")
+            allocated_32 = f" ({r['allocated_cpu_fp32_32_layers_gib']} GiB)"
         lines.append(f"| {r['chapter']} | {r['measured_1_layers_mib'] / 1024:.1f} / "
-                     f"{r['measured_2_layers_mib'] / 1024:.1f} GiB{resident} | {r['per_layer_mib']} MiB | "
-                     f"{r['cpu_fp32_32_layers_gib']} GiB | {gpu} | {smallest} |")
+                     f"{r['measured_2_layers_mib'] / 1024:.1f} GiB{allocated} | {r['per_layer_mib']} MiB | "
+                     f"{r['cpu_fp32_32_layers_gib']} GiB{allocated_32} | {gpu} | {smallest} |")
     return "\n".join(lines)
 
 
@@ -109,9 +139,12 @@ def main() -> int:
     args = parser.parse_args()
     peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
     rows = estimate(peaks)
-    resident = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], resident=True) for l in DEPTHS})}
+    allocated = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], allocated=True) for l in DEPTHS})}
+    cells = peak_cells(DEPTHS[-1])
     for row in rows:
-        row.update({f"resident_{k}": v for k, v in resident[row["chapter"]].items() if k != "chapter"})
+        row.update({f"allocated_{k}": v for k, v in allocated[row["chapter"]].items() if k != "chapter"})
+        if row["chapter"] in cells:
+            row["peak_cell"] = cells[row["chapter"]]
     out = config.outputs_dir() / "bench" / "memory_by_depth.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python bench/memory_by_depth.py", "depths": DEPTHS,

@@ -166,7 +166,7 @@ class CellMemory:
 
     def on_cell_start(self, cell: nbformat.NotebookNode, cell_index: int, **_: object) -> None:
         kernel = self._kernel()
-        if kernel is None or cell.cell_type != "code":
+        if kernel is None or cell.cell_type != "code" or not cell.source.strip():  # nbclient skips an empty cell
             return
         try:
             Path(f"/proc/{kernel.pid}/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
@@ -326,7 +326,8 @@ def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None
     memory_by_cell = CellMemory(manager)
     client = NotebookClient(nb, km=manager, timeout=None, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_start=memory_by_cell.on_cell_start, on_cell_executed=memory_by_cell.on_cell_executed)
+                            on_cell_start=memory_by_cell.on_cell_start,
+                            on_cell_executed=memory_by_cell.on_cell_executed)
     following = WarmKernel(next_path) if next_path else None
     try:
         client.execute()  # starts the kernel unless it is warm

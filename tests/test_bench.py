@@ -232,6 +232,23 @@ def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> N
     assert "| 03_lora_finetuning |" in bench.markdown(list(rows.values()))
 
 
+
+def test_memory_by_depth_names_the_cell_that_grows_most_with_depth(outputs: Path) -> None:
+    """The cell that sets a chapter's peak on Phi-3 Mini is the one largest at 32 layers, not at 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_by_depth", config.PROJECT_ROOT / "bench" / "memory_by_depth.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    peaks = {1: {3: 1000, 5: 1500}, 2: {3: 1100, 5: 1550}}  # cell 5 is larger at 2 layers, cell 3 at 32
+    for layers, cells in peaks.items():
+        report = outputs / "real-shape" / f"{layers}-layers" / "run_times.json"
+        report.parent.mkdir(parents=True)
+        report.write_text(json.dumps({"chapters": [{"notebook": "04_qlora_finetuning.ipynb", "cells": [
+            {"cell": cell, "starts": f"cell {cell}", "peak_mib": mib} for cell, mib in cells.items()]}]}))
+    found = bench.peak_cells(2)["04_qlora_finetuning"]
+    assert found == {"cell": 3, "starts": "cell 3", "peaks_mib": [1000, 1100]}
+
 def test_export_memory_fits_a_line_through_two_depths() -> None:
     """bench/export_memory.py: chapter 07's int4 export peak on Phi-3 Mini, read off the line through 1 and 2 layers."""
     import importlib.util
