@@ -16,7 +16,6 @@ CUDA libraries) beside a chapter that fills the machine is not worth a few secon
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -220,59 +219,14 @@ def imported_modules(nb: nbformat.NotebookNode) -> list[str]:
     return [m for m in dict.fromkeys(modules) if m != "__future__"]
 
 
-def project_file(module: str) -> Path | None:
-    """The project's own source file of ``module`` (``utils.models`` -> utils/models.py), None for a library's."""
-    base = config.PROJECT_ROOT.joinpath(*module.split("."))
-    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
-
-
-def deferred_imports(modules: list[str]) -> list[str]:
-    """``modules`` followed by what the project's own modules among them import inside their functions.
-
-    ``utils`` defers its heavy imports to the functions that need them (``load_tokenizer`` imports transformers and
-    trl when called), so importing ``utils.models`` alone leaves a chapter's first ``load_tokenizer()`` seconds of
-    importing. Read from the source (``ast``), nothing is run: every import in a listed project module, and the
-    module-level imports of the project modules those bring in (what importing them does, not every function they
-    have). A name imported from a module (``from trl import SFTTrainer``) is listed as ``trl.SFTTrainer`` too, which
-    loads the lazily exported attribute if it is one.
-    """
-    found = list(dict.fromkeys(modules))
-    queue = [(m, True) for m in found]
-    while queue:
-        module, whole = queue.pop(0)
-        source = project_file(module)
-        if source is None:
-            continue
-        tree = ast.parse(source.read_text(), str(source))
-        for node in ast.walk(tree) if whole else tree.body:
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            else:
-                continue
-            for name in names:
-                if name not in found and name.split(".")[0] != "__future__":
-                    found.append(name)
-                    queue.append((name, False))
-    return found
-
-
 def warm_up_code(modules: list[str]) -> str:
-    """Kernel code that imports ``modules`` (``package.attribute`` when it is no module: the attribute is fetched,
-    which loads a lazily exported one) and leaves the user's namespace as it found it (errors are left for the
+    """Kernel code that imports ``modules`` and leaves the user's namespace as it found it (errors are left for the
     notebook's own import to raise, where the reader sees them)."""
     return (f"def _phi3_lab_warm_up(names={modules!r}):\n"
             "    import importlib\n"
             "    for name in names:\n"
             "        try:\n"
             "            importlib.import_module(name)\n"
-            "        except ImportError:\n"
-            "            try:\n"
-            "                parent, _, attribute = name.rpartition('.')\n"
-            "                getattr(importlib.import_module(parent), attribute)\n"
-            "            except BaseException:\n"
-            "                pass\n"
             "        except BaseException:\n"
             "            pass\n"
             "_phi3_lab_warm_up()\n"
@@ -285,7 +239,7 @@ class WarmKernel:
     def __init__(self, path: Path) -> None:
         self.manager = KernelManager(kernel_name="python3")
         self.manager.start_kernel(cwd=str(path.parent))
-        code = warm_up_code(deferred_imports(imported_modules(nbformat.read(path, as_version=4))))
+        code = warm_up_code(imported_modules(nbformat.read(path, as_version=4)))
         self._thread = threading.Thread(target=self._import, args=(code,), daemon=True)
         self._thread.start()
 

@@ -115,18 +115,6 @@ def test_the_modules_a_notebook_imports_are_read_from_its_cells() -> None:
     assert _runner().imported_modules(nb) == ["os", "sys", "utils.models", "matplotlib.pyplot", "peft"]
 
 
-def test_warm_up_follows_the_imports_utils_defers_to_its_functions() -> None:
-    """``load_tokenizer`` imports transformers and TRL when called: a warm kernel imports those too, but of a project
-    module that is only brought in, just what importing it does (not every function's imports)."""
-    runner = _runner()
-    found = runner.deferred_imports(["utils.models"])
-    assert found[0] == "utils.models"
-    assert {"transformers.AutoTokenizer", "utils.prompts", "utils.prompts.ensure_trainable_template"} <= set(found)
-    assert "trl.chat_template_utils" not in found, "utils.prompts imports it inside a function: not followed"
-    assert "trl.chat_template_utils" in runner.deferred_imports(["utils.prompts"])
-    assert runner.deferred_imports(["colorsys"]) == ["colorsys"], "a library's source is not read"
-
-
 def test_the_next_chapters_kernel_has_imported_its_modules_but_defines_nothing(tmp_path: Path) -> None:
     """While chapter A runs, chapter B's kernel imports B's modules; B then runs in it from execution count 1, its
     namespace clean, and every kernel is shut down at the end."""
