@@ -67,25 +67,24 @@ def chapter_peaks(layers: int, reuse: bool, only: list[str], allocated: bool = F
     return {c["notebook"].removesuffix(".ipynb"): key(c["peak_memory_mib"]) for c in chapters}
 
 
-def peak_cells(layers: int) -> dict[str, dict]:
-    """Per chapter, the cell whose resident peak grows most from the other depth's run to this one's: the step
-    that sets the chapter's peak on Phi-3 Mini (index, first line, and its peak at 1 and 2 layers, MiB)."""
-    runs = {l: json.loads((config.outputs_dir() / "real-shape" / f"{l}-layers" / "run_times.json").read_text())
-            for l in DEPTHS}
+def peak_cells() -> dict[str, dict]:
+    """Per chapter, the cell whose resident peak is largest at 32 layers, read off the line through its peaks at the
+    two depths: the step that sets the chapter's peak on Phi-3 Mini (index, first line, its peaks at 1 and 2 layers,
+    MiB). Chapters run before per-cell peaks were recorded are left out."""
+    shallow, deep = ({c["notebook"].removesuffix(".ipynb"): c for c in json.loads(
+        (config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json").read_text())["chapters"]}
+        for layers in DEPTHS)
     found = {}
-    for chapter in runs[layers]["chapters"]:
-        other = next((c for c in runs[DEPTHS[0]]["chapters"] if c["notebook"] == chapter["notebook"]), None)
-        if other is None or not all("peak_mib" in c for c in chapter["cells"] + other["cells"]):  # older runs
+    for chapter in shallow.keys() & deep.keys():
+        first, second = ({c["cell"]: c["peak_mib"] for c in run[chapter]["cells"] if "peak_mib" in c}
+                         for run in (shallow, deep))
+        cells = first.keys() & second.keys()
+        if not cells:
             continue
-        first = {c["cell"]: c["peak_mib"] for c in other["cells"]}
-        at_32 = {c["cell"]: first[c["cell"]] + (REAL_LAYERS - DEPTHS[0]) * (c["peak_mib"] - first[c["cell"]])
-                 / (layers - DEPTHS[0]) for c in chapter["cells"] if c["cell"] in first}
-        cell = max(at_32, key=at_32.get)
-        starts = next(c["starts"] for c in chapter["cells"] if c["cell"] == cell)
-        found[chapter["notebook"].removesuffix(".ipynb")] = {"cell": cell, "starts": starts,
-                                                            "peaks_mib": [first[cell], next(
-                                                                c["peak_mib"] for c in chapter["cells"]
-                                                                if c["cell"] == cell)]}
+        per_layer = {i: (second[i] - first[i]) / (DEPTHS[1] - DEPTHS[0]) for i in cells}
+        cell = max(cells, key=lambda i: first[i] + (REAL_LAYERS - DEPTHS[0]) * per_layer[i])
+        starts = next(c["starts"] for c in deep[chapter]["cells"] if c["cell"] == cell)
+        found[chapter] = {"cell": cell, "starts": starts, "peaks_mib": [first[cell], second[cell]]}
     return found
 
 
@@ -140,7 +139,7 @@ def main() -> int:
     peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
     rows = estimate(peaks)
     allocated = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], allocated=True) for l in DEPTHS})}
-    cells = peak_cells(DEPTHS[-1])
+    cells = peak_cells()
     for row in rows:
         row.update({f"allocated_{k}": v for k, v in allocated[row["chapter"]].items() if k != "chapter"})
         if row["chapter"] in cells:

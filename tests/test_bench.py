@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -211,15 +213,17 @@ def test_series_time_classifies_a_cell_by_its_code_not_its_first_import(tmp_path
     assert main([str(tmp_path / "missing.json")]) == 1
 
 
+def _bench_script(name: str) -> ModuleType:
+    """``bench/<name>.py`` as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, config.PROJECT_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> None:
     """Two depths fix the line; 32 layers are read off it; the GPU estimate halves what lies above the baseline."""
-    import importlib.util
-
-    from utils import config
-
-    spec = importlib.util.spec_from_file_location("memory_by_depth", config.PROJECT_ROOT / "bench" / "memory_by_depth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("memory_by_depth")
     peaks = {1: {"01_data_preparation": 500, "03_lora_finetuning": 1500},
              2: {"01_data_preparation": 500, "03_lora_finetuning": 2000}}
     rows = {r["chapter"]: r for r in bench.estimate(peaks)}
@@ -232,31 +236,21 @@ def test_memory_by_depth_extrapolates_linearly_and_picks_the_smallest_gpu() -> N
     assert "| 03_lora_finetuning |" in bench.markdown(list(rows.values()))
 
 
-
 def test_memory_by_depth_names_the_cell_that_grows_most_with_depth(outputs: Path) -> None:
     """The cell that sets a chapter's peak on Phi-3 Mini is the one largest at 32 layers, not at 2."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("memory_by_depth", config.PROJECT_ROOT / "bench" / "memory_by_depth.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("memory_by_depth")
     peaks = {1: {3: 1000, 5: 1500}, 2: {3: 1100, 5: 1550}}  # cell 5 is larger at 2 layers, cell 3 at 32
     for layers, cells in peaks.items():
         report = outputs / "real-shape" / f"{layers}-layers" / "run_times.json"
         report.parent.mkdir(parents=True)
         report.write_text(json.dumps({"chapters": [{"notebook": "04_qlora_finetuning.ipynb", "cells": [
             {"cell": cell, "starts": f"cell {cell}", "peak_mib": mib} for cell, mib in cells.items()]}]}))
-    found = bench.peak_cells(2)["04_qlora_finetuning"]
+    found = bench.peak_cells()["04_qlora_finetuning"]
     assert found == {"cell": 3, "starts": "cell 3", "peaks_mib": [1000, 1100]}
+
 
 def test_export_memory_fits_a_line_through_two_depths() -> None:
     """bench/export_memory.py: chapter 07's int4 export peak on Phi-3 Mini, read off the line through 1 and 2 layers."""
-    import importlib.util
-
-    from utils import config
-
-    spec = importlib.util.spec_from_file_location("export_memory", config.PROJECT_ROOT / "bench" / "export_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_script("export_memory")
     fit = bench.extrapolate({2: 3700, 1: 3000})
     assert fit == {"per_layer_mib": 700, "fixed_mib": 2300, "phi3_mini_gib": round((2300 + 32 * 700) / 1024, 1)}
