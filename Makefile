@@ -75,6 +75,8 @@ site: $(SITE_STAMP)
 	$(PY) scripts/build_site.py
 
 test-site: $(SITE_STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ echo "make test-site: Chromium is not installed, so the browser tests would only be skipped (Debian: apt-get install chromium)"; exit 2; }
 	$(PY) -m pytest tests/test_site.py -p no:nbval -o addopts="" -m site -q
 
 catch-up-results: env
