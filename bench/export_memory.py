@@ -2,12 +2,14 @@
 
     .venv/bin/python bench/export_memory.py              # 1- and 2-layer stand-ins, a few minutes on 2 cores
     .venv/bin/python bench/export_memory.py -p int4 fp32
+    .venv/bin/python bench/export_memory.py --builder-own     # the builder's own quantization step, for comparison
 
 Each export runs in a fresh Python (``utils.deployment.export_onnx``, as the chapter calls it) on the bf16
 stand-ins of ``utils/standin.py`` (Phi-3 Mini's width and vocabulary, 1 and 2 decoder layers), and reports that
-process's peak resident memory. The builder keeps the loaded 16-bit model, serializes the whole graph with its
-weights in the graph's float type (fp32 for a CPU export) and then quantizes it, so the peak grows linearly with
-depth: ``peak(L) = fixed + L * per_layer``, fitted on L = 1, 2 and extrapolated to Phi-3 Mini's 32 layers.
+process's peak resident memory. The peak grows linearly with depth: ``peak(L) = fixed + L * per_layer``, fitted on
+L = 1, 2 and extrapolated to Phi-3 Mini's 32 layers. By default the quantization step is
+``utils.onnx_quantize``'s, one weight at a time; ``--builder-own`` measures the builder's own step, which keeps the
+loaded 16-bit model, serializes the whole graph with its weights in fp32 and then quantizes it.
 Writes ``outputs/bench/export_memory.json``.
 """
 
@@ -30,22 +32,31 @@ REAL_LAYERS = 32
 FREE_COLAB_RAM_GIB = 12.7
 
 CHILD = """
-import resource, sys
+import re, resource, sys, threading, time
 sys.path.insert(0, sys.argv[4])
 from utils.deployment import export_onnx
-export_onnx(sys.argv[1], sys.argv[2], sys.argv[3])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+anon = [0]
+def sample():  # RssAnon: memory the process allocated, without the file pages it maps (safetensors weights)
+    while True:
+        status = open("/proc/self/status").read()
+        anon[0] = max(anon[0], int(re.search(r"RssAnon:\\s+(\\d+)", status).group(1)))
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+export_onnx(sys.argv[1], sys.argv[2], sys.argv[3], one_weight_at_a_time=sys.argv[5] == "1")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, anon[0] // 1024)
 """
 
 
-def export_peak_mib(source: Path, precision: str) -> int:
-    """Peak resident memory (MiB) of a fresh Python that exports ``source`` at ``precision`` with the builder."""
+def export_peak_mib(source: Path, precision: str, one_weight_at_a_time: bool = True) -> tuple[int, int]:
+    """Peak resident and peak allocated memory (MiB) of a fresh Python exporting ``source`` at ``precision``."""
     with tempfile.TemporaryDirectory() as scratch:
         result = subprocess.run([sys.executable, "-c", CHILD, str(source), str(Path(scratch) / "onnx"), precision,
-                                 str(config.PROJECT_ROOT)], capture_output=True, text=True)
+                                 str(config.PROJECT_ROOT), "1" if one_weight_at_a_time else "0"],
+                                capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"the {precision} export of {source} failed:\n{result.stderr[-2000:]}")
-    return int(result.stdout.strip().splitlines()[-1])
+    resident, allocated = result.stdout.strip().splitlines()[-1].split()
+    return int(resident), int(allocated)
 
 
 def extrapolate(peaks: dict[int, int]) -> dict[str, float]:
@@ -60,21 +71,29 @@ def extrapolate(peaks: dict[int, int]) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-p", "--precisions", nargs="+", default=["int4"], help="builder precisions to measure")
+    parser.add_argument("--builder-own", action="store_true",
+                        help="the builder's own quantization step (the whole graph in fp32), not one weight at a time")
     args = parser.parse_args()
+    step = "the builder's own" if args.builder_own else "one weight at a time"
     rows = {}
     for precision in args.precisions:
-        peaks = {}
+        resident, allocated = {}, {}
         for layers in DEPTHS:
             source = standin_dir(layers)
             if not (source / "config.json").is_file():
                 build_standin(source, layers)
-            peaks[layers] = export_peak_mib(source, precision)
-            print(f"{precision} export, {layers}-layer stand-in: peak {peaks[layers]:,} MiB", flush=True)
-        rows[precision] = {"measured_mib": peaks, **extrapolate(peaks)}
-        fits = "fits" if rows[precision]["phi3_mini_gib"] <= FREE_COLAB_RAM_GIB else "does not fit"
-        print(f"{precision}: {rows[precision]['per_layer_mib']} MiB per layer -> Phi-3 Mini about "
-              f"{rows[precision]['phi3_mini_gib']} GiB of host RAM ({fits} a free Colab's {FREE_COLAB_RAM_GIB} GiB)")
-    out = config.outputs_dir() / "bench" / "export_memory.json"
+            resident[layers], allocated[layers] = export_peak_mib(source, precision, not args.builder_own)
+            print(f"{precision} export ({step}), {layers}-layer stand-in: peak {resident[layers]:,} MiB resident, "
+                  f"{allocated[layers]:,} MiB allocated", flush=True)
+        rows[precision] = {"quantization": step, "measured_mib": resident, **extrapolate(resident),
+                           "allocated": {"measured_mib": allocated, **extrapolate(allocated)}}
+        gib = rows[precision]["phi3_mini_gib"]
+        fits = "fits" if gib <= FREE_COLAB_RAM_GIB else "does not fit"
+        print(f"{precision}: {rows[precision]['per_layer_mib']} MiB per layer -> Phi-3 Mini about {gib} GiB of host "
+              f"RAM resident ({fits} a free Colab's {FREE_COLAB_RAM_GIB} GiB), "
+              f"{rows[precision]['allocated']['phi3_mini_gib']} GiB allocated (without the mapped weight files)")
+    out = config.outputs_dir() / "bench" / ("export_memory_builder_own.json" if args.builder_own
+                                            else "export_memory.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python bench/export_memory.py", *sys.argv[1:]]),
                                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -48,7 +48,8 @@ def builder_command(source: str | Path, output: str | Path, precision: str, exec
 
 
 def export_onnx(source: str | Path, output: str | Path, precision: str, execution_provider: str = "cpu",
-                extra_options: dict[str, str] | None = None, cache_dir: str | Path | None = None) -> Export:
+                extra_options: dict[str, str] | None = None, cache_dir: str | Path | None = None,
+                one_weight_at_a_time: bool = True) -> Export:
     """Run the ONNX Runtime GenAI model builder on a Hugging Face folder, in this process.
 
     Same as :func:`builder_command`'s command line, without starting a new Python (the builder imports torch and
@@ -59,6 +60,10 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
     Python frees only at its next full garbage collection, often cells later: a second export would stack on top of
     the first. So the export ends with ``gc.collect()``: measured on the 2-layer Phi-3-Mini-shaped stand-in, it
     returned 1.8 GB to the system.
+
+    For int4 the builder serializes the whole graph in fp32 before quantizing it (24 GiB of host RAM for Phi-3
+    Mini); with ``one_weight_at_a_time`` (the default) :mod:`utils.onnx_quantize` gives the same quantizer one weight
+    at a time and writes the same files, byte for byte.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -67,6 +72,8 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
         raise FileNotFoundError(f"{source}/config.json is missing: export a merged model folder "
                                 f"(saved with save_pretrained), not an adapter folder")
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    from utils.onnx_quantize import builder_quantizes_one_weight_at_a_time
 
     output.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else output.parent / ".builder_cache"
@@ -80,7 +87,9 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
         with log_path.open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             parsed = parse_extra_options(None, str(source), str(output), precision, execution_provider, str(cache),
                                          options)
-            create_model(None, str(source), str(output), precision, execution_provider, str(cache), **parsed)
+            streaming = builder_quantizes_one_weight_at_a_time() if one_weight_at_a_time else contextlib.nullcontext()
+            with streaming:
+                create_model(None, str(source), str(output), precision, execution_provider, str(cache), **parsed)
     except Exception as err:
         raise RuntimeError(f"{log_path}: the builder stopped ({type(err).__name__}: {err}); its log is in that "
                            f"file") from err
