@@ -67,16 +67,17 @@ def chapter_peaks(layers: int, reuse: bool, only: list[str], allocated: bool = F
     return {c["notebook"].removesuffix(".ipynb"): key(c["peak_memory_mib"]) for c in chapters}
 
 
-def peak_cells() -> dict[str, dict]:
+def peak_cells(key: str = "peak_mib") -> dict[str, dict]:
     """Per chapter, the cell whose resident peak is largest at 32 layers, read off the line through its peaks at the
     two depths: the step that sets the chapter's peak on Phi-3 Mini (index, first line, its peaks at 1 and 2 layers,
-    MiB). Chapters run before per-cell peaks were recorded are left out."""
+    MiB). ``key="anon_peak_mib"``: the same for the allocated peak. Chapters run before per-cell peaks were recorded
+    are left out."""
     shallow, deep = ({c["notebook"].removesuffix(".ipynb"): c for c in json.loads(
         (config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json").read_text())["chapters"]}
         for layers in DEPTHS)
     found = {}
     for chapter in shallow.keys() & deep.keys():
-        first, second = ({c["cell"]: c["peak_mib"] for c in run[chapter]["cells"] if "peak_mib" in c}
+        first, second = ({c["cell"]: c[key] for c in run[chapter]["cells"] if key in c}
                          for run in (shallow, deep))
         cells = first.keys() & second.keys()
         if not cells:
@@ -93,14 +94,21 @@ def smallest_gpu(gib: float) -> str:
     return next((name for name, size in GPUS if gib <= size), "more than 80 GB")
 
 
-def estimate(peaks: dict[int, dict[str, int]]) -> list[dict]:
-    """Per chapter: the fit, the 32-layer fp32 extrapolation and the 16-bit GPU estimate (MiB and GiB)."""
+def estimate(peaks: dict[int, dict[str, int]], cell_lines: dict[str, list[int]] | None = None) -> list[dict]:
+    """Per chapter: the fit, the 32-layer fp32 extrapolation and the 16-bit GPU estimate (MiB and GiB).
+
+    ``cell_lines`` gives, per chapter, the peaks at the two depths of the cell largest at 32 layers
+    (:func:`peak_cells`). Where another cell sets the chapter's peak at 1 layer than at 2, the line through the
+    chapter's peaks joins two different steps and runs below that cell's own line; the higher line is used."""
     (l1, p1), (l2, p2) = sorted(peaks.items())
     baseline = min(p1["01_data_preparation"], p2["01_data_preparation"])
     rows = []
     for chapter in p2:
-        per_layer = (p2[chapter] - p1[chapter]) / (l2 - l1)
-        fixed = p1[chapter] - l1 * per_layer
+        lines = [(p1[chapter], p2[chapter]), *([tuple(cell_lines[chapter])] if chapter in (cell_lines or {}) else [])]
+        at_32 = lambda line: line[0] + (REAL_LAYERS - l1) * (line[1] - line[0]) / (l2 - l1)  # noqa: E731
+        low, high = max(lines, key=at_32)
+        per_layer = (high - low) / (l2 - l1)
+        fixed = low - l1 * per_layer
         cpu = fixed + REAL_LAYERS * per_layer
         gpu = max(cpu - baseline, 0) / 2 + CUDA_OVERHEAD_MIB
         rows.append({"chapter": chapter, **{f"measured_{l}_layers_mib": p[chapter] for l, p in peaks.items()},
@@ -137,9 +145,11 @@ def main() -> int:
                         help="re-measure these chapters (e.g. 03 after changing it), keep the others' earlier runs")
     args = parser.parse_args()
     peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
-    rows = estimate(peaks)
-    allocated = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], allocated=True) for l in DEPTHS})}
     cells = peak_cells()
+    rows = estimate(peaks, {chapter: found["peaks_mib"] for chapter, found in cells.items()})
+    allocated_lines = {chapter: found["peaks_mib"] for chapter, found in peak_cells("anon_peak_mib").items()}
+    allocated = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], allocated=True) for l in DEPTHS},
+                                                   allocated_lines)}
     for row in rows:
         row.update({f"allocated_{k}": v for k, v in allocated[row["chapter"]].items() if k != "chapter"})
         if row["chapter"] in cells:

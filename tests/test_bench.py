@@ -249,6 +249,21 @@ def test_memory_by_depth_names_the_cell_that_grows_most_with_depth(outputs: Path
     assert found == {"cell": 3, "starts": "cell 3", "peaks_mib": [1000, 1100]}
 
 
+def test_memory_by_depth_follows_the_cell_that_sets_the_peak_at_32_layers() -> None:
+    """Cell 6 peaks at 1 layer, cell 26 at 2: the line through the chapter's peaks joins two steps and runs below
+    cell 26's own line, which the estimate uses."""
+    bench = _bench_script("memory_by_depth")
+    peaks = {1: {"01_data_preparation": 500, "07_deployment": 2857}, 2: {"01_data_preparation": 500,
+                                                                          "07_deployment": 3472}}
+    chapter_line = bench.estimate(peaks)[1]
+    rows = {r["chapter"]: r for r in bench.estimate(peaks, {"07_deployment": [2676, 3472]})}
+    assert chapter_line["per_layer_mib"] == 615
+    assert rows["07_deployment"]["per_layer_mib"] == 796 and rows["07_deployment"]["fixed_mib"] == 2676 - 796
+    assert rows["07_deployment"]["cpu_fp32_32_layers_gib"] > chapter_line["cpu_fp32_32_layers_gib"]
+    lower = bench.estimate(peaks, {"07_deployment": [2000, 2100]})[1]  # a cell line below the chapter's: unused
+    assert lower["per_layer_mib"] == 615
+
+
 def test_export_memory_fits_a_line_through_two_depths() -> None:
     """bench/export_memory.py: chapter 07's int4 export peak on Phi-3 Mini, read off the line through 1 and 2 layers."""
     bench = _bench_script("export_memory")

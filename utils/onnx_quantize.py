@@ -27,7 +27,7 @@ def _streamable(builder: Any) -> bool:
             and not getattr(builder, "int4_customized_weight_config", None)
             and not getattr(builder, "exact_quant_override_names", None)
             and not getattr(builder, "exact_quant_overrides", None)
-            and not (builder.ep == "cuda" and builder.matmul_attrs.get("weights_prepacked", 0) > 0)
+            and not (builder.ep == "cuda" and getattr(builder, "matmul_attrs", {}).get("weights_prepacked", 0) > 0)
             and set(builder.quant_attrs["op_types_to_quantize"] or ("MatMul",)) <= {"MatMul"}
             and not any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                         for node in builder.model.graph.all_nodes() for attr in node.attributes.values()))
