@@ -33,23 +33,24 @@ def same_files(left: Path, right: Path) -> list[str]:
                                            and filecmp.cmp(left / n, right / n, shallow=False)))
 
 
-@pytest.mark.parametrize("with_adapter", [False, True], ids=["merged model", "base + adapter, LoRA kept float"])
+@pytest.mark.parametrize("precision, with_adapter", [("int4", False), ("int4", True), ("int8", False)],
+                         ids=["int4 merged model", "int4 base + adapter, LoRA kept float", "int8 merged model"])
 def test_one_weight_at_a_time_writes_the_builders_own_files(tiny_model_dir: Path, lora_adapter: Path,
                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             with_adapter: bool):
+                                                             precision: str, with_adapter: bool):
     import onnx
 
     layers = 2
     options = ({"adapter_path": str(lora_adapter), "nodes_to_exclude": ",".join(lora_matmul_nodes(layers))}
                if with_adapter else None)
-    own = export_onnx(tiny_model_dir, tmp_path / "own", "int4", extra_options=options,
+    own = export_onnx(tiny_model_dir, tmp_path / "own", precision, extra_options=options,
                       one_weight_at_a_time=False).folder
 
     streamed_calls = []
     original = onnx_quantize.quantize_weights_one_at_a_time
     monkeypatch.setattr(onnx_quantize, "quantize_weights_one_at_a_time",
                         lambda builder: streamed_calls.append(builder) or original(builder))
-    streamed = export_onnx(tiny_model_dir, tmp_path / "streamed", "int4", extra_options=options).folder
+    streamed = export_onnx(tiny_model_dir, tmp_path / "streamed", precision, extra_options=options).folder
 
     assert len(streamed_calls) == 1  # the builder really took this path, not its own
     assert same_files(own, streamed) == []
@@ -76,7 +77,7 @@ def test_no_whole_graph_copy_is_made(tiny_model_dir: Path, tmp_path: Path, monke
 def fake_builder(**changes: object) -> SimpleNamespace:
     settings = {"quantization_algo": "default", "int4_customized_weight_config": {}, "exact_quant_override_names": set(),
                 "exact_quant_overrides": {}, "ep": "cpu", "matmul_attrs": {"weights_prepacked": 0},
-                "quant_attrs": {"op_types_to_quantize": ("MatMul",)},
+                "quant_attrs": {"op_types_to_quantize": ("MatMul",), "use_qdq": False},
                 "model": SimpleNamespace(graph=SimpleNamespace(all_nodes=lambda: []))}
     return SimpleNamespace(**{**settings, **changes})
 
@@ -86,8 +87,9 @@ def fake_builder(**changes: object) -> SimpleNamespace:
     {"int4_customized_weight_config": {"/lm_head/MatMul": {"bits": 8}}},
     {"exact_quant_override_names": {"/lm_head/MatMul"}},
     {"ep": "cuda", "matmul_attrs": {"weights_prepacked": 1}},
-    {"quant_attrs": {"op_types_to_quantize": ("MatMul", "Gather")}},
-], ids=["k_quant", "per-node bits", "exact overrides", "cuda prepacking", "embeddings too"])
+    {"quant_attrs": {"op_types_to_quantize": ("MatMul", "Gather"), "use_qdq": False}},
+    {"quant_attrs": {"op_types_to_quantize": ("MatMul",), "use_qdq": True}},
+], ids=["k_quant", "per-node bits", "exact overrides", "cuda prepacking", "embeddings too", "QDQ format"])
 def test_settings_it_does_not_reproduce_are_left_to_the_builder(changes: dict[str, object]):
     assert onnx_quantize._streamable(fake_builder())
     assert not onnx_quantize._streamable(fake_builder(**changes))

@@ -6,10 +6,10 @@ on top of the loaded 16-bit model (7.6 GB): about 24 GiB of host RAM, twice a fr
 (``DefaultWeightOnlyQuantizer.quantize``, so the same code computes every byte) is given one ``MatMul`` and its one
 weight at a time; the fp32 copy of that weight is dropped as soon as its int4 blocks exist, and everything left is
 written by the builder's own lazy save. The result is the builder's file, node for node and byte for byte
-(``tests/test_deployment.py`` compares both on the miniature); ``bench/export_memory.py`` measures the memory.
+(``tests/test_onnx_quantize.py`` compares both on the miniature); ``bench/export_memory.py`` measures the memory.
 
-Only the builder's default path is streamed (the DEFAULT quantizer with one bit width, no per-node overrides, no
-CUDA prepacking); any other setting runs the builder's own method unchanged.
+Only the builder's default path is streamed (the DEFAULT quantizer with one bit width into ``MatMulNBits``, no
+per-node overrides, no QDQ format, no CUDA prepacking); any other setting runs the builder's own method unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def _streamable(builder: Any) -> bool:
     import onnx_ir as ir
 
     return (getattr(builder, "quantization_algo", "default") == "default"
+            and not builder.quant_attrs["use_qdq"]
             and not getattr(builder, "int4_customized_weight_config", None)
             and not getattr(builder, "exact_quant_override_names", None)
             and not getattr(builder, "exact_quant_overrides", None)
@@ -47,16 +48,14 @@ def quantize_weights_one_at_a_time(builder: Any) -> Any:
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     attrs = builder.quant_attrs
-    quant_format = QuantFormat.QDQ if attrs["use_qdq"] else QuantFormat.QOperator
     quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
         block_size=attrs["matmul_block_size"], is_symmetric=attrs["is_symmetric"],
-        accuracy_level=attrs["accuracy_level"], quant_format=quant_format,
+        accuracy_level=attrs["accuracy_level"], quant_format=QuantFormat.QOperator,
         op_types_to_quantize=attrs["op_types_to_quantize"], bits=attrs["bits"]))
     exclude = set(attrs["nodes_to_exclude"])
     model = builder.model
     graph = model.graph
-    if quant_format == QuantFormat.QOperator:
-        model.opset_imports["com.microsoft"] = 1
+    model.opset_imports["com.microsoft"] = 1  # MatMulNBits' domain
 
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in exclude:
