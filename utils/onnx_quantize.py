@@ -89,11 +89,8 @@ def quantize_weights_one_at_a_time(builder: Any) -> Any:
                 value.name = name
                 values[name] = value
             new_nodes.append(created)
-        old = node.outputs[0]
-        final = values[old.name]
-        final.type, final.shape = old.type, old.shape
-        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [final])
-        final.name = old.name
+        old = node.outputs[0]  # replace_nodes_and_values gives its name, type and shape to the new output
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [old], [values[old.name]])
         if not weight.uses() and weight not in graph.outputs:
             graph.initializers.pop(weight.name)  # its float copy and the torch tensor behind it can go now
     return model
