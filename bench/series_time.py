@@ -1,5 +1,8 @@
 """Where the series' time goes: a per-chapter table from ``outputs/run_times.json`` (written by ``make run``).
 
+With ``scripts/run_series.py --jobs 2`` (the miniature's default) two chapters run at once: each chapter's wall
+time is its own, with another chapter beside it, and the series' time is the one in the first line.
+
     .venv/bin/python bench/series_time.py                       # outputs/run_times.json
     .venv/bin/python bench/series_time.py path/to/run_times.json
 
@@ -109,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = (f" ({report['total_cpu_seconds']:.0f} s CPU, load average {report['load_average'][0]:.1f} at the end)"
            if "total_cpu_seconds" in report else "")  # older reports carry wall time only
     print(f"{path}: {report.get('model', '?')} model, {report.get('total_seconds', 0):.0f} s in all{cpu}, "
-          f"finished {report.get('finished', '?')}\n")
+          f"finished {report.get('finished', '?')}")
+    if report.get("jobs", 1) > 1:  # scripts/run_series.py --jobs, since 2026-12-04
+        print(f"{report['jobs']} chapters at a time ({report.get('threads_per_kernel', '?')} torch thread(s) each): "
+              "their times overlap, so the total row adds up to more than the series took")
+    print()
     print(table(report))
     print()
     print(slowest(report))

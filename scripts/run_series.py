@@ -1,25 +1,32 @@
-"""Execute the notebook series in order and report where the results are and how long each chapter took.
+"""Execute the notebook series and report where the results are and how long each chapter took.
 
     python scripts/run_series.py              # executed copies under outputs/notebooks/ (make run)
     python scripts/run_series.py --in-place   # refresh the stored notebooks in notebooks/ (make notebooks)
-    python scripts/run_series.py --only 03 04 # a subset, still in order
+    python scripts/run_series.py --only 03 04 # a subset
     python scripts/run_series.py --in-place --solutions   # and the exercises' worked solutions (make notebooks)
-    python scripts/run_series.py --cold       # no warm kernel: each chapter's time as a learner's Jupyter sees it
+    python scripts/run_series.py --jobs 1 --cold          # one by one, in order, each in a kernel started for it:
+                                                          # each chapter's time as a learner's Jupyter sees it
 
-A chapter's kernel spends its first seconds importing torch, transformers, peft and trl, most of it on one core. While
-one chapter runs, the next one's kernel is already started and imports the modules that chapter imports (the
-modules only: no name is defined in it, and its cells run exactly as they would in a fresh kernel). So the series
-does not wait for start-up between chapters. Only on the miniature: with a real model, a second kernel's memory (and
-CUDA libraries) beside a chapter that fills the machine is not worth a few seconds. ``--cold`` turns it off.
+On the miniature, two chapters run at once (``--jobs``), each as soon as the chapters whose outputs it reads have
+finished (``READS`` in ``scripts/bootstrap_cell.py``): 02, 03, 08 and 09 do not wait for one another, nor 05 for 06.
+A chapter's cells still run top to bottom in a kernel of its own, as in Jupyter; what changes is that the series
+keeps both CPU cores busy. The miniature's matrices are too small for torch's second thread to halve a chapter's
+time, so two chapters with one thread each finish sooner than the same two one after the other with two threads.
+
+One at a time (``--jobs 1``, and always with a real model, which fills the GPU on its own) the chapters run in
+order, and while one runs the next one's kernel is already started and imports the modules that chapter imports
+(the modules only: no name is defined in it, and its cells run exactly as they would in a fresh kernel), so the
+series does not wait for start-up between chapters (miniature only; ``--cold`` turns it off).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import re
-import resource
 import sys
 import threading
 import time
@@ -33,6 +40,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bootstrap_cell import READS  # noqa: E402
 from utils import config  # noqa: E402
 
 NOTEBOOKS = config.PROJECT_ROOT / "notebooks"
@@ -191,13 +199,30 @@ class CellMemory:
                                   "children_peak_mib": round(self._sampled["children"] / 2**20)}
 
 
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its finished children (the chapters' kernels, once shut down).
+def kernel_cpu_seconds(manager: KernelManager) -> float:
+    """User + system CPU seconds of a chapter's kernel so far, with the processes it started and has reaped (a
+    converter, a quantizer); 0 once the kernel is gone.
 
-    On a shared machine wall time grows with the other users' load; CPU time much less, so the report keeps both.
+    On a shared machine wall time grows with the other users' load (and, with ``--jobs 2``, with the other chapter
+    running beside it); CPU time much less, so the report keeps both.
     """
-    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime + u.ru_stime for u in usages)
+    pid = getattr(manager.provisioner, "pid", None)
+    try:
+        times = psutil.Process(pid).cpu_times() if pid else None
+    except psutil.Error:
+        return 0.0
+    return sum(times[:4]) if times else 0.0  # user, system, children_user, children_system
+
+
+def start_kernel(path: Path, threads: int | None = None) -> KernelManager:
+    """A fresh kernel for the notebook at ``path``, with ``threads`` torch (OpenMP) threads when given and the
+    environment does not already say (``OMP_NUM_THREADS``)."""
+    env = dict(os.environ)
+    if threads and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads)
+    manager = KernelManager(kernel_name="python3")
+    manager.start_kernel(cwd=str(path.parent), env=env)
+    return manager
 
 
 NAME_AS = r"[\w.]+(?:\s+as\s+\w+)?"
@@ -268,31 +293,37 @@ class WarmKernel:
 
 
 def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None = None,
-            next_path: Path | None = None) -> tuple[dict, WarmKernel | None]:
-    """Run one notebook top to bottom, in ``kernel`` if given (else a fresh one); returns its timing and
-    peak-memory report (raises on a failing cell) and, if ``next_path`` is given, the next notebook's warm kernel,
-    started as soon as this one's cells begin."""
+            next_path: Path | None = None, threads: int | None = None,
+            started_kernels: list[KernelManager] | None = None) -> tuple[dict, WarmKernel | None]:
+    """Run one notebook top to bottom, in ``kernel`` if given (else a fresh one, with ``threads`` torch threads
+    when given); returns its timing and peak-memory report (raises on a failing cell) and, if ``next_path`` is
+    given, the next notebook's warm kernel, started as soon as this one's cells begin. A fresh kernel's manager is
+    appended to ``started_kernels``, so that another thread can shut it down (a failed or interrupted series)."""
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(MEMORY_PROBE))
     # No per-cell timeout: a slow laptop must finish, not fail after ten minutes of pre-training or training.
-    started, cpu_before = time.perf_counter(), cpu_seconds()
-    manager = kernel.ready() if kernel else KernelManager(kernel_name="python3")
+    started = time.perf_counter()
+    manager = kernel.ready() if kernel else start_kernel(path, threads)
+    if started_kernels is not None:
+        started_kernels.append(manager)
     memory_by_cell = CellMemory(manager)
     client = NotebookClient(nb, km=manager, timeout=None, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(path.parent)}},
                             on_cell_start=memory_by_cell.on_cell_start,
                             on_cell_executed=memory_by_cell.on_cell_executed)
     following = WarmKernel(next_path) if next_path else None
+    cpu = 0.0
     try:
-        client.execute()  # starts the kernel unless it is warm
+        client.execute()
     except BaseException:
         if following:
             following.shutdown()
         raise
     finally:
-        if manager.has_kernel:  # shut down and reaped: its CPU time counts
+        cpu = kernel_cpu_seconds(manager)
+        if manager.has_kernel:
             manager.shutdown_kernel(now=True)
-    total, cpu = time.perf_counter() - started, cpu_seconds() - cpu_before
+    total = time.perf_counter() - started
     memory = peak_memory(nb.cells.pop())
     by_cell = [m for i, m in memory_by_cell.cells.items() if i < len(nb.cells)]
     if by_cell and "process_mib" in memory:  # resetting the high-water mark resets ru_maxrss too: the cells' maximum
@@ -313,6 +344,137 @@ def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None
             "cells": recorded, "peak_memory_mib": memory, "written": str(target)}, following
 
 
+class ChapterFailed(Exception):
+    """A chapter's cell raised: which notebook, and nbclient's error."""
+
+    def __init__(self, path: Path, error: CellExecutionError) -> None:
+        super().__init__(path.name)
+        self.path, self.error = path, error
+
+
+def report_done(report: dict) -> None:
+    peak = report["peak_memory_mib"].get("process_mib", 0)
+    print(f"  {report['notebook']} done in {report['seconds']:.1f} s ({report['cpu_seconds']:.1f} s CPU), "
+          f"peak memory {peak:,} MiB -> {report['written']}", flush=True)
+
+
+def run_in_order(paths: list[Path], in_place: bool, out_dir: Path, warm_kernels: bool) -> list[dict]:
+    """Run the notebooks one by one, in order; with ``warm_kernels``, the next one's kernel starts ahead."""
+    reports: list[dict] = []
+    warm: WarmKernel | None = None
+    for i, path in enumerate(paths):
+        print(f"running {path.name} ...", flush=True)
+        following = paths[i + 1] if warm_kernels and i + 1 < len(paths) else None
+        try:
+            report, warm = execute(path, in_place, out_dir, kernel=warm, next_path=following)
+        except CellExecutionError as err:
+            raise ChapterFailed(path, err) from None
+        except BaseException:  # Ctrl-C: no kernel is left behind
+            if warm:
+                warm.shutdown()
+            raise
+        reports.append(report)
+        report_done(report)
+    return reports
+
+
+def default_jobs() -> int:
+    """Two chapters at once on the miniature where there are two CPU cores or more; one at a time otherwise (a
+    real model fills the GPU, or the machine's memory, on its own)."""
+    return 2 if config.is_miniature() and (os.cpu_count() or 1) >= 2 else 1
+
+
+def threads_per_kernel(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` kernels running at once: the CPU cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def waits_for(paths: list[Path]) -> dict[Path, set[Path]]:
+    """For each notebook, the notebooks among ``paths`` that must finish before it starts.
+
+    A chapter waits for the chapters whose outputs it reads (``READS`` in ``scripts/bootstrap_cell.py``, the same
+    table that tells a Colab learner what to run first); a chapter it reads that is not in ``paths`` is taken to
+    have run already. A worked-solutions notebook waits for every chapter and for the solutions before it, since
+    solutions may re-run a chapter's steps into its output folders.
+    """
+    chapters = {p.name[:2]: p for p in paths if p.parent.name != "solutions"}
+    solutions = [p for p in paths if p.parent.name == "solutions"]
+    waits = {p: {chapters[n] for n in READS.get(number, []) if n in chapters} for number, p in chapters.items()}
+    for i, path in enumerate(solutions):
+        waits[path] = set(chapters.values()) | set(solutions[:i])
+    return waits
+
+
+def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int) -> list[dict]:
+    """Run up to ``jobs`` notebooks at once, each as soon as what it reads exists (:func:`waits_for`).
+
+    Each kernel gets its share of the CPU cores (:func:`threads_per_kernel`): on the miniature, two chapters with
+    one thread each do more in the same time than one chapter with two, whose small matrices keep the second
+    thread waiting; and with one thread every time, a chapter's numbers do not depend on which other chapter
+    happened to run beside it. Among the notebooks ready to start, the one that more others wait for goes first,
+    so that the longest chain (01, 03, 04, 06, 07) is not held up. The reports come back in ``paths``' order.
+
+    The first failing cell stops the series (:class:`ChapterFailed`), and Ctrl-C stops it too: the other running
+    chapters are interrupted, as Jupyter's stop button does, and their kernels shut down.
+    """
+    waits = waits_for(paths)
+    blocking = {p: sum(p in closure(q, waits) for q in paths) for p in paths}
+    threads = threads_per_kernel(jobs)
+    pending, running, done = list(paths), {}, {}
+    finished: queue.Queue = queue.Queue()  # (path, report, error) from the worker threads
+
+    def work(path: Path, kernels: list[KernelManager]) -> None:
+        try:
+            report, _ = execute(path, in_place, out_dir, threads=threads, started_kernels=kernels)
+            finished.put((path, report, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread, which decides
+            finished.put((path, None, err))
+
+    try:
+        while pending or running:
+            ready = [p for p in pending if waits[p] <= done.keys()]
+            for path in sorted(ready, key=lambda p: (-blocking[p], paths.index(p)))[:jobs - len(running)]:
+                pending.remove(path)
+                print(f"running {path.name} ...", flush=True)
+                kernels: list[KernelManager] = []
+                running[path] = (threading.Thread(target=work, args=(path, kernels), daemon=True), kernels)
+                running[path][0].start()
+            if not running:
+                raise RuntimeError(f"{', '.join(p.name for p in pending)} wait for notebooks that never finish")
+            path, report, error = finished.get()
+            running.pop(path)
+            if isinstance(error, CellExecutionError):
+                raise ChapterFailed(path, error) from None
+            if error is not None:
+                raise error
+            done[path] = report
+            report_done(report)
+    finally:  # a failure or Ctrl-C: interrupt the others, as Jupyter's stop button does; kill what does not stop
+        for _, kernels in running.values():
+            for manager in kernels:
+                with contextlib.suppress(Exception):
+                    manager.interrupt_kernel()
+        for thread, kernels in running.values():
+            thread.join(timeout=30)
+            for manager in kernels:
+                with contextlib.suppress(Exception):  # its own thread may be shutting it down too
+                    if thread.is_alive() and manager.has_kernel:
+                        manager.shutdown_kernel(now=True)
+    return [done[p] for p in paths]
+
+
+def closure(path: Path, waits: dict[Path, set[Path]]) -> set[Path]:
+    """Every notebook ``path`` waits for, directly or through others."""
+    seen: set[Path] = set()
+    todo = list(waits[path])
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            todo += waits[p]
+    return seen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-place", action="store_true", help="overwrite notebooks/ with executed copies")
@@ -321,6 +483,9 @@ def main() -> int:
                         help="after the chapters, run their worked solutions (notebooks/solutions/) too")
     parser.add_argument("--cold", action="store_true",
                         help="start each chapter's kernel when it begins (no warm kernel importing ahead)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="chapters run at once, each after the chapters it reads (default: 2 on the miniature "
+                             "with two or more CPU cores, else 1; --jobs 1 runs them one by one, in order)")
     args = parser.parse_args()
     args.only = [n.zfill(2) if re.fullmatch(r"[0-9]", n) else n for n in args.only]  # "3" means chapter 03
     chapters = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -329,6 +494,9 @@ def main() -> int:
     if unknown or (args.only == [] and "--only" in sys.argv[1:]):
         what = f"no chapter {', '.join(unknown)}" if unknown else "no chapter given"
         print(f"--only: {what}; choose from {' '.join(numbers)} (e.g. --only 00 03)", file=sys.stderr)
+        return 2
+    if args.jobs is not None and args.jobs < 1:
+        print(f"--jobs {args.jobs}: give 1 or more chapters at once (e.g. --jobs 1)", file=sys.stderr)
         return 2
     try:
         out_dir = config.check_outputs_dir() / "notebooks"
@@ -340,26 +508,19 @@ def main() -> int:
     if args.solutions:
         paths += [p for p in sorted((NOTEBOOKS / "solutions").glob("[0-9][0-9]_*.ipynb"))
                   if not args.only or p.name[:2] in args.only]
-    reports, started, warm = [], time.perf_counter(), None
-    warm_kernels = config.is_miniature() and not args.cold
-    for i, path in enumerate(paths):
-        print(f"running {path.name} ...", flush=True)
-        following = paths[i + 1] if warm_kernels and i + 1 < len(paths) else None
-        try:
-            report, warm = execute(path, args.in_place, out_dir, kernel=warm, next_path=following)
-            reports.append(report)
-        except CellExecutionError as err:
-            print(failure_report(path, err), file=sys.stderr)
-            return 1
-        except BaseException:  # Ctrl-C: no kernel is left behind
-            if warm:
-                warm.shutdown()
-            raise
-        peak = reports[-1]["peak_memory_mib"].get("process_mib", 0)
-        print(f"  done in {reports[-1]['seconds']:.1f} s ({reports[-1]['cpu_seconds']:.1f} s CPU), peak memory "
-              f"{peak:,} MiB -> {reports[-1]['written']}", flush=True)
+    jobs = args.jobs or default_jobs()
+    warm_kernels = config.is_miniature() and not args.cold and jobs == 1
+    started = time.perf_counter()
+    try:
+        reports = (run_in_order(paths, args.in_place, out_dir, warm_kernels) if jobs == 1 else
+                   run_side_by_side(paths, args.in_place, out_dir, jobs))
+    except ChapterFailed as failed:
+        print(failure_report(failed.path, failed.error), file=sys.stderr)
+        return 1
     total = time.perf_counter() - started
-    summary = {"model": config.model_id(), "warm_kernels": warm_kernels, "total_seconds": round(total, 1),
+    summary = {"model": config.model_id(), "jobs": jobs, "threads_per_kernel": os.environ.get(
+                   "OMP_NUM_THREADS", threads_per_kernel(jobs) if jobs > 1 else "torch's default"),
+               "warm_kernels": warm_kernels, "total_seconds": round(total, 1),
                "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
                "load_average": [round(x, 2) for x in os.getloadavg()], "chapters": reports,
                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -1,12 +1,15 @@
-"""scripts/run_series.py: no per-cell timeout, a failure that names the cell and the project's own frames, and the
-next chapter's kernel warmed up while the current one runs."""
+"""scripts/run_series.py: no per-cell timeout, a failure that names the cell and the project's own frames, the next
+chapter's kernel warmed up while the current one runs, and chapters that do not read one another run side by side."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 from nbclient.exceptions import CellExecutionError
 
@@ -136,3 +139,63 @@ def test_the_next_chapters_kernel_has_imported_its_modules_but_defines_nothing(t
     runner.execute(second, in_place=False, out_dir=tmp_path / "out")  # cold: nothing imported ahead
     cold = nbformat.read(tmp_path / "out" / second.name, as_version=4).cells[0]
     assert cold.outputs[0]["text"] == "False False\n"
+
+
+def _stamping(name: str, log: Path, seconds: float = 0.0, extra: str = "") -> nbformat.NotebookNode:
+    """A notebook that appends (name, start, end, torch-thread setting) to ``log`` around a sleep."""
+    code = (f"import json, os, time\nstart = time.time()\n{extra}time.sleep({seconds})\n"
+            f"with open({str(log)!r}, 'a') as f:\n"
+            f"    f.write(json.dumps([{name!r}, start, time.time(), os.environ.get('OMP_NUM_THREADS')]) + '\\n')")
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+
+
+def test_chapters_wait_for_what_they_read_and_solutions_for_every_chapter_before_them(tmp_path: Path) -> None:
+    runner = _runner()
+    root = tmp_path / "notebooks"
+    paths = [root / n for n in ("01_a.ipynb", "03_b.ipynb", "04_c.ipynb", "06_d.ipynb", "09_e.ipynb")]
+    solutions = [root / "solutions" / n for n in ("03_b_solutions.ipynb", "04_c_solutions.ipynb")]
+    waits = runner.waits_for(paths + solutions)
+    names = {p: sorted(q.name[:2] for q in w) for p, w in waits.items()}
+    assert names[paths[0]] == [] and names[paths[4]] == [], "01 and 09 read no earlier chapter"
+    assert names[paths[1]] == ["01"] and names[paths[2]] == ["01", "03"]
+    assert names[paths[3]] == ["03", "04"], "06 also reads 02, which is not in this run: taken as done"
+    assert waits[solutions[0]] == set(paths) and waits[solutions[1]] == set(paths) | {solutions[0]}
+    assert runner.closure(paths[3], waits) == {paths[0], paths[1], paths[2]}
+
+
+def test_side_by_side_runs_what_does_not_wait_together_one_thread_each_and_the_rest_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """02 and 03 both read only 01: they run at the same time; 04 reads 03 and starts only once 03 is done."""
+    runner = _runner()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    out.mkdir()
+    paths = []
+    for name, seconds in (("02_a", 2.0), ("03_b", 2.0), ("04_c", 0.0)):
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(_stamping(name, log, seconds), paths[-1])
+    reports = runner.run_side_by_side(paths, in_place=False, out_dir=out, jobs=2)
+    assert [r["notebook"] for r in reports] == [p.name for p in paths]
+    runs = {name: (start, end, threads) for name, start, end, threads in map(json.loads, log.read_text().splitlines())}
+    assert runs["02_a"][0] < runs["03_b"][1] and runs["03_b"][0] < runs["02_a"][1], "02 and 03 overlap"
+    assert runs["04_c"][0] >= runs["03_b"][1], "04 started only after 03 finished"
+    assert {threads for _, _, threads in runs.values()} == {"1"}, "two kernels at once on 2 cores: one thread each"
+    assert all((out / p.name).exists() for p in paths)
+
+
+def test_a_failing_chapter_stops_the_series_and_leaves_no_kernel_running(tmp_path: Path) -> None:
+    runner = _runner()
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    out.mkdir()
+    slow, broken, after = tmp_path / "02_slow.ipynb", tmp_path / "03_broken.ipynb", tmp_path / "04_after.ipynb"
+    nbformat.write(_stamping("02_slow", log, 60.0), slow)
+    nbformat.write(_stamping("03_broken", log, 0.5, extra="raise ValueError('broken on purpose')\n"), broken)
+    nbformat.write(_stamping("04_after", log), after)
+    started = time.perf_counter()
+    with pytest.raises(runner.ChapterFailed) as caught:
+        runner.run_side_by_side([slow, broken, after], in_place=False, out_dir=out, jobs=2)
+    assert caught.value.path == broken and "broken on purpose" in str(caught.value.error)
+    assert time.perf_counter() - started < 30, "the slow chapter's kernel was shut down, not waited for"
+    assert not log.exists(), "neither the slow chapter nor the one after the broken one finished"
+    assert not any(p.name.startswith("kernel") for p in psutil.Process().children(recursive=True))
