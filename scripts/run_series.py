@@ -12,6 +12,7 @@ finished (``READS`` in ``scripts/bootstrap_cell.py``): 02, 03, 08 and 09 do not 
 A chapter's cells still run top to bottom in a kernel of its own, as in Jupyter; what changes is that the series
 keeps both CPU cores busy. The miniature's matrices are too small for torch's second thread to halve a chapter's
 time, so two chapters with one thread each finish sooner than the same two one after the other with two threads.
+Chapter 07 runs with no other beside it (``RUNS_ALONE``): it times ONNX Runtime and llama.cpp, which take every core.
 
 One at a time (``--jobs 1``, and always with a real model, which fills the GPU on its own) the chapters run in
 order, and while one runs the next one's kernel is already started and imports the modules that chapter imports
@@ -405,6 +406,17 @@ def waits_for(paths: list[Path]) -> dict[Path, set[Path]]:
     return waits
 
 
+# Chapters that run with no other chapter beside them: 07 runs ONNX Runtime and llama.cpp, which size their own thread
+# pools to the machine (not to OMP_NUM_THREADS) and slow down badly when another process holds a core (its llama.cpp
+# cell took 93 s instead of 2 beside chapter 08's full grid), and it times them, which a neighbour would distort.
+# Such a chapter gets every core, as when the chapters run one at a time.
+RUNS_ALONE = {"07"}
+
+
+def runs_alone(path: Path) -> bool:
+    return path.parent.name != "solutions" and path.name[:2] in RUNS_ALONE
+
+
 def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int) -> list[dict]:
     """Run up to ``jobs`` notebooks at once, each as soon as what it reads exists (:func:`waits_for`).
 
@@ -412,7 +424,8 @@ def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int
     one thread each do more in the same time than one chapter with two, whose small matrices keep the second
     thread waiting; and with one thread every time, a chapter's numbers do not depend on which other chapter
     happened to run beside it. Among the notebooks ready to start, the one that more others wait for goes first,
-    so that the longest chain (01, 03, 04, 06, 07) is not held up. The reports come back in ``paths``' order.
+    so that the longest chain (01, 03, 04, 06, 07) is not held up; a chapter in ``RUNS_ALONE`` waits until it can
+    run with no other beside it, and nothing starts beside it. The reports come back in ``paths``' order.
 
     The first failing cell stops the series (:class:`ChapterFailed`), and Ctrl-C stops it too: the other running
     chapters are interrupted, as Jupyter's stop button does, and their kernels shut down.
@@ -425,7 +438,9 @@ def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int
 
     def work(path: Path, kernels: list[KernelManager]) -> None:
         try:
-            report, _ = execute(path, in_place, out_dir, threads=threads, started_kernels=kernels)
+            alone = os.cpu_count() or 1  # nothing beside it: all the cores, as one chapter at a time has
+            report, _ = execute(path, in_place, out_dir, threads=alone if runs_alone(path) else threads,
+                                started_kernels=kernels)
             finished.put((path, report, None))
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which decides
             finished.put((path, None, err))
@@ -433,13 +448,15 @@ def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int
     try:
         while pending or running:
             ready = [p for p in pending if waits[p] <= done.keys()]
-            for path in sorted(ready, key=lambda p: (-blocking[p], paths.index(p)))[:jobs - len(running)]:
+            for path in sorted(ready, key=lambda p: (-blocking[p], paths.index(p))):
+                if len(running) >= jobs or any(map(runs_alone, running)) or (running and runs_alone(path)):
+                    break
                 pending.remove(path)
                 print(f"running {path.name} ...", flush=True)
                 kernels: list[KernelManager] = []
                 running[path] = (threading.Thread(target=work, args=(path, kernels), daemon=True), kernels)
                 running[path][0].start()
-            if not running:
+            if not running:  # a loop in the waits: not with READS as it is
                 raise RuntimeError(f"{', '.join(p.name for p in pending)} wait for notebooks that never finish")
             path, report, error = finished.get()
             running.pop(path)

@@ -199,3 +199,23 @@ def test_a_failing_chapter_stops_the_series_and_leaves_no_kernel_running(tmp_pat
     assert time.perf_counter() - started < 30, "the slow chapter's kernel was shut down, not waited for"
     assert not log.exists(), "neither the slow chapter nor the one after the broken one finished"
     assert not any(p.name.startswith("kernel") for p in psutil.Process().children(recursive=True))
+
+
+def test_a_chapter_that_times_its_runtimes_runs_with_no_other_beside_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """07 (RUNS_ALONE) starts only when nothing else runs, nothing starts beside it, and it gets every core."""
+    runner = _runner()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    log, out = tmp_path / "log.jsonl", tmp_path / "out"
+    out.mkdir()
+    paths = []
+    for name, seconds in (("07_alone", 1.5), ("08_x", 1.5), ("09_y", 1.5)):
+        paths.append(tmp_path / f"{name}.ipynb")
+        nbformat.write(_stamping(name, log, seconds), paths[-1])
+    runner.run_side_by_side(paths, in_place=False, out_dir=out, jobs=2)
+    runs = {name: (start, end, threads) for name, start, end, threads in map(json.loads, log.read_text().splitlines())}
+    alone = runs.pop("07_alone")
+    assert all(end <= alone[0] or start >= alone[1] for start, end, _ in runs.values()), "nothing beside 07"
+    assert runs["08_x"][0] < runs["09_y"][1] and runs["09_y"][0] < runs["08_x"][1], "08 and 09 side by side"
+    assert alone[2] == "2" and {t for _, _, t in runs.values()} == {"1"}
