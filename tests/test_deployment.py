@@ -219,3 +219,13 @@ def test_lora_matmul_nodes_are_the_builders_names_and_keep_lora_float_at_int4(ti
     lora = [i for i in model.graph.initializer if ".lora_" in i.name]
     assert len(lora) == len(attention) and {i.data_type for i in lora} == {onnx.TensorProto.FLOAT}
     assert any(n.op_type == "MatMulNBits" for n in model.graph.node)  # the base itself is still int4
+
+
+def test_an_export_replaces_the_folder_whole(tiny_model_dir: Path, tmp_path: Path):
+    """A second export into the same folder leaves none of the first one's other files (a model card written
+    there afterwards), and nothing half-written beside it."""
+    folder = export_onnx(tiny_model_dir, tmp_path / "fp32", "fp32").folder
+    (folder / "README.md").write_text("a model card of the earlier export")
+    again = export_onnx(tiny_model_dir, tmp_path / "fp32", "fp32").folder
+    assert again == folder and not (folder / "README.md").exists() and (folder / "model.onnx").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".fp32")], "no staging folder left"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from utils.atomic import DiskFull, atomic_folder
 from utils.metrics import Generation
 from utils.prompts import END, Conversation, Message
 
@@ -52,6 +53,8 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
                 one_weight_at_a_time: bool = True) -> Export:
     """Run the ONNX Runtime GenAI model builder on a Hugging Face folder, in this process.
 
+    The builder writes into a hidden sibling folder, which replaces ``output`` whole when it is done: an export cut
+    short leaves the previous one (or none), and no file of an earlier export (a model card) stays beside the new.
     Same as :func:`builder_command`'s command line, without starting a new Python (the builder imports torch and
     transformers, several seconds each time). The builder's own log goes to ``OUTPUT_PARENT/logs/OUTPUT_NAME.log``,
     outside the model folder, so that it is neither uploaded nor listed in the model card.
@@ -75,7 +78,7 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
 
     from utils.onnx_quantize import builder_quantizes_one_weight_at_a_time
 
-    output.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else output.parent / ".builder_cache"
     options = [f"{k}={v}" for k, v in (extra_options or {}).items()]
     log_path = output.parent / "logs" / f"{output.name}.log"
@@ -84,12 +87,15 @@ def export_onnx(source: str | Path, output: str | Path, precision: str, executio
     level, quant_logger.level = quant_logger.level, logging.WARNING
     start = time.perf_counter()
     try:
-        with log_path.open("w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            parsed = parse_extra_options(None, str(source), str(output), precision, execution_provider, str(cache),
+        with (atomic_folder(output) as staging, log_path.open("w") as log, contextlib.redirect_stdout(log),
+              contextlib.redirect_stderr(log)):
+            parsed = parse_extra_options(None, str(source), str(staging), precision, execution_provider, str(cache),
                                          options)
             streaming = builder_quantizes_one_weight_at_a_time() if one_weight_at_a_time else contextlib.nullcontext()
             with streaming:
-                create_model(None, str(source), str(output), precision, execution_provider, str(cache), **parsed)
+                create_model(None, str(source), str(staging), precision, execution_provider, str(cache), **parsed)
+    except DiskFull:
+        raise
     except Exception as err:
         raise RuntimeError(f"{log_path}: the builder stopped ({type(err).__name__}: {err}); its log is in that "
                            f"file") from err
