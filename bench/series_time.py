@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path}: {report.get('model', '?')} model, {report.get('total_seconds', 0):.0f} s in all{cpu}, "
           f"finished {report.get('finished', '?')}")
     if report.get("jobs", 1) > 1:  # scripts/run_series.py --jobs, since 2026-12-04
-        print(f"{report['jobs']} chapters at a time ({report.get('threads_per_kernel', '?')} torch thread(s) each): "
-              "their times overlap, so the total row adds up to more than the series took")
+        print(f"{report['jobs']} chapters at a time, {report.get('threads_per_kernel', '?')} torch thread(s) each (a "
+              "chapter that runs alone: every core); their times overlap, so the total row adds up to more than the "
+              "series took")
     print()
     print(table(report))
     print()

@@ -313,7 +313,6 @@ def execute(path: Path, in_place: bool, out_dir: Path, kernel: WarmKernel | None
                             on_cell_start=memory_by_cell.on_cell_start,
                             on_cell_executed=memory_by_cell.on_cell_executed)
     following = WarmKernel(next_path) if next_path else None
-    cpu = 0.0
     try:
         client.execute()
     except BaseException:
