@@ -466,12 +466,14 @@ def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int
             done[path] = report
             report_done(report)
     finally:  # a failure or Ctrl-C: interrupt the others, as Jupyter's stop button does; kill what does not stop
-        for _, kernels in running.values():
-            for manager in kernels:
-                with contextlib.suppress(Exception):
-                    manager.interrupt_kernel()
         for thread, kernels in running.values():
-            thread.join(timeout=30)
+            for _ in range(30):  # again each second: an interrupt that comes before a cell starts is ignored
+                for manager in kernels:
+                    with contextlib.suppress(Exception):
+                        manager.interrupt_kernel()
+                thread.join(timeout=1)
+                if not thread.is_alive():
+                    break
             for manager in kernels:
                 with contextlib.suppress(Exception):  # its own thread may be shutting it down too
                     if thread.is_alive() and manager.has_kernel:
