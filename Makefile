@@ -12,7 +12,7 @@ TEST_THREADS ?= 1
 .PHONY: env run test test-real-shape test-colab notebooks data miniature experiments real-shape memory-table site test-site catch-up-results clean help
 
 help:
-	@echo "make run        execute chapters 00-09 in order; results under outputs/"
+	@echo "make run        execute chapters 00-09, two at a time where one does not read the other; results under outputs/"
 	@echo "make test       unit tests + every chapter and solution through nbval (what a newcomer runs; <10 min)"
 	@echo "make test-real-shape  every chapter on the Phi-3-Mini-shaped stand-in (~25 min; CI runs it after make test)"
 	@echo "make test-colab the Colab bootstrap's real install into Colab's preinstalled versions (minutes; needs PyPI)"
