@@ -437,9 +437,8 @@ def run_side_by_side(paths: list[Path], in_place: bool, out_dir: Path, jobs: int
 
     def work(path: Path, kernels: list[KernelManager]) -> None:
         try:
-            alone = os.cpu_count() or 1  # nothing beside it: all the cores, as one chapter at a time has
-            report, _ = execute(path, in_place, out_dir, threads=alone if runs_alone(path) else threads,
-                                started_kernels=kernels)
+            own = threads_per_kernel(1) if runs_alone(path) else threads  # alone: every core, as --jobs 1 has
+            report, _ = execute(path, in_place, out_dir, threads=own, started_kernels=kernels)
             finished.put((path, report, None))
         except BaseException as err:  # noqa: BLE001 - handed to the main thread, which decides
             finished.put((path, None, err))
