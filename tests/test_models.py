@@ -48,3 +48,22 @@ print(freed, rss(), hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_
     if trimmed == "False":  # not glibc (macOS): nothing to hand back this way
         return
     assert int(freed) - int(after) >= 1000, (freed, after)
+
+
+def test_merges_are_saved_as_a_gpu_run_saves_them(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run computes in fp32 but saves a merge in its base checkpoint's dtype (bf16 for Phi-3 Mini, fp32 for the
+    miniature), so that chapter 07 exports a 16-bit checkpoint as it would after a GPU run; a GPU run saves what it
+    computes in."""
+    from transformers import Phi3Config
+
+    from utils.models import merge_save_dtype
+
+    for dtype in (torch.bfloat16, torch.float32):
+        folder = tmp_path / str(dtype)
+        Phi3Config(dtype=dtype).save_pretrained(folder)
+        assert merge_save_dtype(hardware_report(), str(folder)) == dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert merge_save_dtype(hardware_report(), str(tmp_path / str(torch.float32))) == torch.float16

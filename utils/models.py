@@ -144,6 +144,23 @@ def load_model(path: str | None = None, hardware: Hardware | None = None, traini
     return model
 
 
+def merge_save_dtype(hardware: Hardware, base_path: str) -> torch.dtype:
+    """The dtype to save a merged model in: the one it computes in on a GPU (bf16, fp16 on a T4); on a CPU, which
+    computes in fp32, the base checkpoint's own dtype.
+
+    So a CPU run writes what a GPU run writes: Phi-3 Mini's merges in bf16, like its checkpoint (7.6 GB each, not
+    15), which chapter 07 exports without an fp32 copy in host RAM, and the miniature's in fp32, like its own.
+    """
+    if hardware.device == "cuda":
+        return hardware.dtype
+    from transformers import AutoConfig
+
+    stored = AutoConfig.from_pretrained(base_path).dtype
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.float32
+
+
 def release_memory() -> None:
     """Return the memory of models no longer referenced (after ``del model``) to the system or the GPU's pool.
 
