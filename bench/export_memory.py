@@ -3,6 +3,7 @@
     .venv/bin/python bench/export_memory.py              # 1- and 2-layer stand-ins, a few minutes on 2 cores
     .venv/bin/python bench/export_memory.py -p int4 fp32
     .venv/bin/python bench/export_memory.py --builder-own     # the builder's own quantization step, for comparison
+    .venv/bin/python bench/export_memory.py --full-depth-within 12   # also Phi-3 Mini's size, in 12 GiB (~15 min)
 
 Each export runs in a fresh Python (``utils.deployment.export_onnx``, as the chapter calls it) on the bf16
 stand-ins of ``utils/standin.py`` (Phi-3 Mini's width and vocabulary, 1 and 2 decoder layers), and reports that
@@ -10,6 +11,14 @@ process's peak resident memory. The peak grows linearly with depth: ``peak(L) = 
 L = 1, 2 and extrapolated to Phi-3 Mini's 32 layers. By default the quantization step is
 ``utils.onnx_quantize``'s, one weight at a time; ``--builder-own`` measures the builder's own step, which keeps the
 loaded 16-bit model, serializes the whole graph with its weights in fp32 and then quantizes it.
+
+The resident peak counts the pages of the memory-mapped checkpoint, which the kernel can drop and read again
+when memory is short, so it overstates what a machine must have. ``--full-depth-within GIB`` settles it by
+trying: it builds a 32-layer stand-in (Phi-3 Mini's size, 7.6 GB in bf16) and exports it in a memory cgroup
+limited to GIB, page cache included (the checkpoint's cached pages are dropped first, so that reading it is
+charged to the group), as a machine with that much RAM would be (no swap here); it reports whether
+the export finished, the group's peak and how often it hit the limit. That needs write access to the cgroup-v1
+memory controller (``/sys/fs/cgroup/memory``), as on this project's build machine.
 Writes ``outputs/bench/export_memory.json``.
 """
 
@@ -17,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +41,7 @@ from utils.standin import build_standin, standin_dir  # noqa: E402
 DEPTHS = (1, 2)
 REAL_LAYERS = 32
 FREE_COLAB_RAM_GIB = 12.7
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")
 
 CHILD = """
 import re, resource, sys, threading, time
@@ -59,6 +71,40 @@ def export_peak_mib(source: Path, precision: str, one_weight_at_a_time: bool = T
     return int(resident), int(allocated)
 
 
+def export_within(source: Path, precision: str, limit_gib: float) -> dict:
+    """Export ``source`` at ``precision`` in a fresh Python inside a memory cgroup of ``limit_gib``: whether it
+    finished, the group's peak (page cache included), how often it reached the limit, and the wall time."""
+    group = MEMORY_CGROUPS / f"phi3-lab-export-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError as err:
+        raise SystemExit(f"--full-depth-within needs a writable memory cgroup: cannot create {group} "
+                         f"({err.strerror}); run it where the cgroup-v1 memory controller is writable") from None
+    try:
+        limit = str(int(limit_gib * 2**30))
+        (group / "memory.limit_in_bytes").write_text(limit)
+        if (group / "memory.memsw.limit_in_bytes").exists():  # no escape into swap either
+            (group / "memory.memsw.limit_in_bytes").write_text(limit)
+        for file in (f for f in source.iterdir() if f.is_file()):  # else pages an earlier step cached count there
+            with open(file, "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with tempfile.TemporaryDirectory() as scratch:
+            start = time.perf_counter()
+            result = subprocess.run(["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"),
+                                     sys.executable, "-c", CHILD, str(source), str(Path(scratch) / "onnx"),
+                                     precision, str(config.PROJECT_ROOT), "1"], capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+        oom = (group / "memory.oom_control").read_text()
+        return {"limit_gib": limit_gib, "finished": result.returncode == 0, "returncode": result.returncode,
+                "group_peak_mib": int((group / "memory.max_usage_in_bytes").read_text()) // 2**20,
+                "times_at_limit": int((group / "memory.failcnt").read_text()),
+                "oom_kills": int(next((l.split()[1] for l in oom.splitlines() if l.startswith("oom_kill ")), "0")),
+                "process_peak_mib": [int(v) for v in result.stdout.split()[-2:]] if result.returncode == 0 else None,
+                "seconds": round(seconds), "stderr_tail": result.stderr[-500:] if result.returncode else ""}
+    finally:
+        group.rmdir()
+
+
 def extrapolate(peaks: dict[int, int]) -> dict[str, float]:
     """The linear fit of ``{layers: peak MiB}`` on two depths, and its value at 32 layers in GiB."""
     (l1, p1), (l2, p2) = sorted(peaks.items())
@@ -73,6 +119,8 @@ def main() -> int:
     parser.add_argument("-p", "--precisions", nargs="+", default=["int4"], help="builder precisions to measure")
     parser.add_argument("--builder-own", action="store_true",
                         help="the builder's own quantization step (the whole graph in fp32), not one weight at a time")
+    parser.add_argument("--full-depth-within", type=float, metavar="GIB",
+                        help="also export a 32-layer stand-in inside a memory cgroup of GIB and report if it finishes")
     args = parser.parse_args()
     step = "the builder's own" if args.builder_own else "one weight at a time"
     rows = {}
@@ -92,6 +140,18 @@ def main() -> int:
         print(f"{precision}: {rows[precision]['per_layer_mib']} MiB per layer -> Phi-3 Mini about {gib} GiB of host "
               f"RAM resident ({fits} a free Colab's {FREE_COLAB_RAM_GIB} GiB), "
               f"{rows[precision]['allocated']['phi3_mini_gib']} GiB allocated (without the mapped weight files)")
+        if args.full_depth_within:
+            source = standin_dir(REAL_LAYERS)
+            if not (source / "config.json").is_file():
+                print(f"building the {REAL_LAYERS}-layer stand-in (7.6 GB) ...", flush=True)
+                build_standin(source, REAL_LAYERS)
+            within = export_within(source, precision, args.full_depth_within)
+            rows[precision]["full_depth"] = within
+            print(f"{precision} export of the {REAL_LAYERS}-layer stand-in within {args.full_depth_within} GiB: "
+                  f"{'finished' if within['finished'] else 'FAILED (exit ' + str(within['returncode']) + ')'} in "
+                  f"{within['seconds']} s, group peak {within['group_peak_mib']:,} MiB, at the limit "
+                  f"{within['times_at_limit']:,} times, {within['oom_kills']} OOM kills; process peak resident / "
+                  f"allocated {within['process_peak_mib']} MiB", flush=True)
     out = config.outputs_dir() / "bench" / ("export_memory_builder_own.json" if args.builder_own
                                             else "export_memory.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,10 @@ estimate halves everything above the process's baseline (the Python, torch and l
 of chapter 01, which loads no model), and adds 1 GiB for the CUDA context and the allocator's slack. 4-bit weights
 do not halve, so chapter 04's estimate is low by about 0.9 GiB per 4-bit model it holds. A GPU run of
 ``bench/gpu_shape.py`` and chapters 03-04 replaces these estimates by measurements where one is lent.
+
+Chapter 07 runs the model builder, ONNX Runtime and llama.cpp on the CPU on any machine. Its cells that load a
+transformers model (``load_model(``) give its GPU estimate; its other cells give the host RAM a GPU run needs
+(``host_ram_gib``, the same resident peak, extrapolated the same way), which must stay within a free Colab's RAM.
 Writes ``outputs/bench/memory_by_depth.json`` and prints a Markdown table for the README.
 """
 
@@ -33,6 +37,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +48,9 @@ DEPTHS = (1, 2)
 REAL_LAYERS = 32
 CUDA_OVERHEAD_MIB = 1024
 GPUS = [("Colab T4", 15), ("L4", 24), ("A100 40 GB", 40), ("A100 80 GB", 80)]  # usable GiB as sold
-HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX models on the CPU
+HOST_RAM_CHAPTERS = {"07_deployment"}  # exports and runs ONNX and GGUF models on the CPU, whatever the hardware
+TRANSFORMERS_CELL = "load_model("  # a cell that loads a transformers model, which a GPU run holds on the GPU
+FREE_COLAB_HOST_GIB = 12  # of the 12.7 GiB a free Colab has, leaving room for the system
 
 
 def chapter_peaks(layers: int, reuse: bool, only: list[str], allocated: bool = False) -> dict[str, int]:
@@ -67,17 +74,17 @@ def chapter_peaks(layers: int, reuse: bool, only: list[str], allocated: bool = F
     return {c["notebook"].removesuffix(".ipynb"): key(c["peak_memory_mib"]) for c in chapters}
 
 
-def peak_cells(key: str = "peak_mib") -> dict[str, dict]:
+def peak_cells(key: str = "peak_mib", where: Callable[[dict], bool] | None = None) -> dict[str, dict]:
     """Per chapter, the cell whose resident peak is largest at 32 layers, read off the line through its peaks at the
     two depths: the step that sets the chapter's peak on Phi-3 Mini (index, first line, its peaks at 1 and 2 layers,
-    MiB). ``key="anon_peak_mib"``: the same for the allocated peak. Chapters run before per-cell peaks were recorded
-    are left out."""
+    MiB). ``key="anon_peak_mib"``: the same for the allocated peak; ``where``: among the cells it accepts (a cell's
+    record, with its ``source``). Chapters run before per-cell peaks were recorded are left out."""
     shallow, deep = ({c["notebook"].removesuffix(".ipynb"): c for c in json.loads(
         (config.outputs_dir() / "real-shape" / f"{layers}-layers" / "run_times.json").read_text())["chapters"]}
         for layers in DEPTHS)
     found = {}
     for chapter in shallow.keys() & deep.keys():
-        first, second = ({c["cell"]: c[key] for c in run[chapter]["cells"] if key in c}
+        first, second = ({c["cell"]: c[key] for c in run[chapter]["cells"] if key in c and (where is None or where(c))}
                          for run in (shallow, deep))
         cells = first.keys() & second.keys()
         if not cells:
@@ -89,32 +96,65 @@ def peak_cells(key: str = "peak_mib") -> dict[str, dict]:
     return found
 
 
+def at_32_layers(line: tuple[int, int] | list[int]) -> float:
+    """The peak (MiB) at Phi-3 Mini's 32 layers on the line through the peaks at the two depths."""
+    return line[0] + (REAL_LAYERS - DEPTHS[0]) * (line[1] - line[0]) / (DEPTHS[1] - DEPTHS[0])
+
+
+def gpu_estimate_mib(cpu_fp32_mib: float, baseline_mib: float) -> float:
+    """The 16-bit GPU estimate of a CPU fp32 peak: half of what lies above the process's baseline, plus CUDA's."""
+    return max(cpu_fp32_mib - baseline_mib, 0) / 2 + CUDA_OVERHEAD_MIB
+
+
+def cells_by_device(key: str = "peak_mib") -> dict[str, dict[str, dict]]:
+    """For each chapter of ``HOST_RAM_CHAPTERS``: ``{"gpu": cell, "cpu": cell}`` (as :func:`peak_cells` finds them).
+    Its cells that load a transformers model give the GPU estimate, since a GPU run holds that model on the GPU; the
+    others run on the CPU whatever the hardware (the builder, ONNX Runtime, llama.cpp) and give the host RAM a GPU
+    run needs, measured on the stand-in like every peak here."""
+    on_gpu = peak_cells(key, where=lambda cell: TRANSFORMERS_CELL in cell.get("source", ""))
+    on_cpu = peak_cells(key, where=lambda cell: TRANSFORMERS_CELL not in cell.get("source", ""))
+    return {chapter: {"gpu": on_gpu[chapter], "cpu": on_cpu[chapter]}
+            for chapter in HOST_RAM_CHAPTERS if chapter in on_gpu and chapter in on_cpu}
+
+
 def smallest_gpu(gib: float) -> str:
     """The first GPU in ``GPUS`` whose memory holds ``gib``."""
     return next((name for name, size in GPUS if gib <= size), "more than 80 GB")
 
 
-def estimate(peaks: dict[int, dict[str, int]], cell_lines: dict[str, list[int]] | None = None) -> list[dict]:
+def estimate(peaks: dict[int, dict[str, int]], cell_lines: dict[str, list[int]] | None = None,
+             by_device: dict[str, dict[str, dict]] | None = None) -> list[dict]:
     """Per chapter: the fit, the 32-layer fp32 extrapolation and the 16-bit GPU estimate (MiB and GiB).
 
     ``cell_lines`` gives, per chapter, the peaks at the two depths of the cell largest at 32 layers
     (:func:`peak_cells`). Where another cell sets the chapter's peak at 1 layer than at 2, the line through the
-    chapter's peaks joins two different steps and runs below that cell's own line; the higher line is used."""
+    chapter's peaks joins two different steps and runs below that cell's own line; the higher line is used.
+    ``by_device`` (:func:`cells_by_device`): for a chapter whose other cells run on the CPU on any machine, the GPU
+    estimate comes from its transformers cells alone, and ``host_ram_gib`` from the others."""
     (l1, p1), (l2, p2) = sorted(peaks.items())
     baseline = min(p1["01_data_preparation"], p2["01_data_preparation"])
     rows = []
     for chapter in p2:
         lines = [(p1[chapter], p2[chapter]), *([tuple(cell_lines[chapter])] if chapter in (cell_lines or {}) else [])]
-        at_32 = lambda line: line[0] + (REAL_LAYERS - l1) * (line[1] - line[0]) / (l2 - l1)  # noqa: E731
-        low, high = max(lines, key=at_32)
+        low, high = max(lines, key=at_32_layers)
         per_layer = (high - low) / (l2 - l1)
         fixed = low - l1 * per_layer
         cpu = fixed + REAL_LAYERS * per_layer
-        gpu = max(cpu - baseline, 0) / 2 + CUDA_OVERHEAD_MIB
-        rows.append({"chapter": chapter, **{f"measured_{l}_layers_mib": p[chapter] for l, p in peaks.items()},
-                     "per_layer_mib": round(per_layer), "fixed_mib": round(fixed),
-                     "cpu_fp32_32_layers_gib": round(cpu / 1024, 1), "gpu_16bit_gib": round(gpu / 1024, 1),
-                     "smallest_gpu": smallest_gpu(gpu / 1024)})
+        gpu = gpu_estimate_mib(cpu, baseline)
+        row = {"chapter": chapter, **{f"measured_{l}_layers_mib": p[chapter] for l, p in peaks.items()},
+               "per_layer_mib": round(per_layer), "fixed_mib": round(fixed),
+               "cpu_fp32_32_layers_gib": round(cpu / 1024, 1), "gpu_16bit_gib": round(gpu / 1024, 1),
+               "smallest_gpu": smallest_gpu(gpu / 1024)}
+        if chapter in (by_device or {}):
+            gpu_cell, cpu_cell = by_device[chapter]["gpu"], by_device[chapter]["cpu"]
+            gpu = gpu_estimate_mib(at_32_layers(gpu_cell["peaks_mib"]), baseline) / 1024
+            host = at_32_layers(cpu_cell["peaks_mib"]) / 1024
+            smallest = smallest_gpu(gpu)
+            if host > FREE_COLAB_HOST_GIB and smallest == GPUS[0][0]:
+                smallest = f"{GPUS[1][0]} (a free Colab has too little RAM)"
+            row.update({"gpu_cell": gpu_cell, "gpu_16bit_gib": round(gpu, 1), "host_ram_cell": cpu_cell,
+                        "host_ram_gib": round(host, 1), "smallest_gpu": smallest})
+        rows.append(row)
     return rows
 
 
@@ -125,8 +165,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         gpu, smallest = f"{r['gpu_16bit_gib']} GiB", r["smallest_gpu"]
-        if r["chapter"] in HOST_RAM_CHAPTERS:  # ONNX Runtime and its builder run on the CPU: the peak is host RAM
-            gpu, smallest = "– (CPU)", f"any, with {r['cpu_fp32_32_layers_gib']:.0f} GiB of RAM"
+        if "host_ram_gib" in r:  # the builder, ONNX Runtime and llama.cpp run on the CPU on any machine
+            gpu += f"; host RAM {r['host_ram_gib']} GiB"
         allocated = allocated_32 = ""
         if "allocated_measured_1_layers_mib" in r:
             allocated = (f" ({r['allocated_measured_1_layers_mib'] / 1024:.1f} / "
@@ -146,10 +186,11 @@ def main() -> int:
     args = parser.parse_args()
     peaks = {layers: chapter_peaks(layers, args.reuse, args.only) for layers in DEPTHS}
     cells = peak_cells()
-    rows = estimate(peaks, {chapter: found["peaks_mib"] for chapter, found in cells.items()})
+    rows = estimate(peaks, {chapter: found["peaks_mib"] for chapter, found in cells.items()}, cells_by_device())
     allocated_lines = {chapter: found["peaks_mib"] for chapter, found in peak_cells("anon_peak_mib").items()}
     allocated = {r["chapter"]: r for r in estimate({l: chapter_peaks(l, True, [], allocated=True) for l in DEPTHS},
-                                                   allocated_lines)}
+                                                   allocated_lines,
+                                                   cells_by_device("anon_peak_mib"))}
     for row in rows:
         row.update({f"allocated_{k}": v for k, v in allocated[row["chapter"]].items() if k != "chapter"})
         if row["chapter"] in cells:

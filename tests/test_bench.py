@@ -269,3 +269,42 @@ def test_export_memory_fits_a_line_through_two_depths() -> None:
     bench = _bench_script("export_memory")
     fit = bench.extrapolate({2: 3700, 1: 3000})
     assert fit == {"per_layer_mib": 700, "fixed_mib": 2300, "phi3_mini_gib": round((2300 + 32 * 700) / 1024, 1)}
+
+
+def test_memory_by_depth_splits_a_cpu_chapter_into_gpu_and_host_ram() -> None:
+    """Chapter 07's transformers cells would sit on the GPU; its builder, ONNX Runtime and llama.cpp cells stay on the
+    CPU: the first give the GPU estimate, the second the host RAM, and a free Colab needs both to fit."""
+    bench = _bench_script("memory_by_depth")
+    peaks = {1: {"01_data_preparation": 500, "07_deployment": 2700}, 2: {"01_data_preparation": 500,
+                                                                          "07_deployment": 3500}}
+    gpu_cell = {"cell": 11, "starts": "answers", "peaks_mib": [2700, 3500]}
+    cpu_cell = {"cell": 6, "starts": "exports", "peaks_mib": [2000, 2300]}
+    row = bench.estimate(peaks, None, {"07_deployment": {"gpu": gpu_cell, "cpu": cpu_cell}})[1]
+    assert row["gpu_16bit_gib"] == round(bench.gpu_estimate_mib(2700 + 31 * 800, 500) / 1024, 1)
+    assert row["host_ram_gib"] == round((2000 + 31 * 300) / 1024, 1) and row["smallest_gpu"] == "Colab T4"
+    assert f"; host RAM {row['host_ram_gib']} GiB" in bench.markdown([row])
+    cpu_cell["peaks_mib"] = [2000, 2500]  # 17.1 GiB of host RAM: more than a free Colab has
+    row = bench.estimate(peaks, None, {"07_deployment": {"gpu": gpu_cell, "cpu": cpu_cell}})[1]
+    assert row["smallest_gpu"].startswith("L4")
+
+
+def test_export_within_a_memory_limit_fails_below_it_and_finishes_above() -> None:
+    """``--full-depth-within``: the export runs in a memory cgroup, so a limit too small must end it (an OOM kill),
+    one large enough must not; where no memory cgroup can be made, one clear line says so."""
+    bench = _bench_script("export_memory")
+    source = config.MINIATURE_DIR
+    if not os.access(bench.MEMORY_CGROUPS, os.W_OK):
+        pytest.skip(f"{bench.MEMORY_CGROUPS} is not writable here")
+    too_small = bench.export_within(source, "fp32", 0.1)
+    assert not too_small["finished"] and too_small["oom_kills"] >= 1
+    enough = bench.export_within(source, "fp32", 4)
+    assert enough["finished"] and 0 < enough["group_peak_mib"] <= 4 * 1024 and enough["process_peak_mib"][0] > 0
+    assert not any(p.name.startswith("phi3-lab-export-") for p in bench.MEMORY_CGROUPS.iterdir())  # removed after
+
+
+def test_export_within_says_in_one_line_when_no_memory_cgroup_can_be_made(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench_script("export_memory")
+    monkeypatch.setattr(bench, "MEMORY_CGROUPS", tmp_path / "no-such-controller")
+    with pytest.raises(SystemExit, match="needs a writable memory cgroup: cannot create .*no-such-controller"):
+        bench.export_within(config.MINIATURE_DIR, "fp32", 4)

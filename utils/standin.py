@@ -153,7 +153,12 @@ def build_standin(out: Path, layers: int = 2, seed: int = 0) -> Path:
 
     tokenizer = train_phi3_like_tokenizer(tokenizer_texts())
     torch.manual_seed(seed)
-    model = Phi3ForCausalLM(Phi3Config(**{**PHI3_MINI_CONFIG, "num_hidden_layers": layers})).to(torch.bfloat16)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: 32 layers built in fp32 would need 15 GB more
+    try:
+        model = Phi3ForCausalLM(Phi3Config(**{**PHI3_MINI_CONFIG, "num_hidden_layers": layers}))
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=GENERATION_EOS, pad_token_id=32000)
     with atomic_folder(out) as folder:
         model.save_pretrained(folder)
