@@ -21,7 +21,7 @@ help:
 	@echo "make miniature  maintainers: rebuild the shipped base in models/phi3-miniature/ (minutes, once)"
 	@echo "make experiments chapter 08's full grid of runs (tens of minutes; resumes from outputs/experiments/)"
 	@echo "make real-shape every chapter, short, on a Phi-3-Mini-shaped stand-in with PHI3_MODEL_ID (~15 min)"
-	@echo "make memory-table maintainers: each chapter's peak memory on Phi-3 Mini, from two stand-in depths (~30 min)"
+	@echo "make memory-table maintainers: each chapter's peak memory on Phi-3 Mini, from two stand-in depths (~40 min)"
 	@echo "make site       the workshop website from the stored notebooks (no re-execution): outputs/site/html/"
 	@echo "make test-site  build the site and open every page in headless Chromium (tests/test_site.py)"
 	@echo "make catch-up-results maintainers: refresh models/catch-up/ from a fresh miniature run of chapters 01-04"

@@ -1,6 +1,6 @@
 """Each chapter's peak memory on Phi-3 Mini, estimated from stand-ins of two depths, and the smallest GPU it fits.
 
-    .venv/bin/python bench/memory_by_depth.py            # runs the series on 1- and 2-layer stand-ins (~25 min)
+    .venv/bin/python bench/memory_by_depth.py            # runs the series on 1- and 2-layer stand-ins (~40 min)
     .venv/bin/python bench/memory_by_depth.py --reuse    # only recompute from runs already under outputs/real-shape/
     .venv/bin/python bench/memory_by_depth.py --only 03  # re-measure chapter 03 at both depths, keep the others
 
