@@ -17,7 +17,7 @@ when memory is short, so it overstates what a machine must have. ``--full-depth-
 trying: it builds a 32-layer stand-in (Phi-3 Mini's size, 7.6 GB in bf16) and exports it in a memory cgroup
 limited to GIB, page cache included (the checkpoint's cached pages are dropped first, so that reading it is
 charged to the group), as a machine with that much RAM would be (no swap here); it reports whether
-the export finished, the group's peak and how often it hit the limit. That needs write access to the cgroup-v1
+the export finished, the group's peak and its OOM kills. That needs write access to the cgroup-v1
 memory controller (``/sys/fs/cgroup/memory``), as on this project's build machine.
 Writes ``outputs/bench/export_memory.json``.
 """
@@ -73,7 +73,7 @@ def export_peak_mib(source: Path, precision: str, one_weight_at_a_time: bool = T
 
 def export_within(source: Path, precision: str, limit_gib: float) -> dict:
     """Export ``source`` at ``precision`` in a fresh Python inside a memory cgroup of ``limit_gib``: whether it
-    finished, the group's peak (page cache included), how often it reached the limit, and the wall time."""
+    finished, the group's peak (page cache included), its OOM kills, and the wall time."""
     group = MEMORY_CGROUPS / f"phi3-lab-export-{os.getpid()}"
     try:
         group.mkdir()
@@ -97,7 +97,6 @@ def export_within(source: Path, precision: str, limit_gib: float) -> dict:
         oom = (group / "memory.oom_control").read_text()
         return {"limit_gib": limit_gib, "finished": result.returncode == 0, "returncode": result.returncode,
                 "group_peak_mib": int((group / "memory.max_usage_in_bytes").read_text()) // 2**20,
-                "times_at_limit": int((group / "memory.failcnt").read_text()),
                 "oom_kills": int(next((l.split()[1] for l in oom.splitlines() if l.startswith("oom_kill ")), "0")),
                 "process_peak_mib": [int(v) for v in result.stdout.split()[-2:]] if result.returncode == 0 else None,
                 "seconds": round(seconds), "stderr_tail": result.stderr[-500:] if result.returncode else ""}
@@ -149,8 +148,8 @@ def main() -> int:
             rows[precision]["full_depth"] = within
             print(f"{precision} export of the {REAL_LAYERS}-layer stand-in within {args.full_depth_within} GiB: "
                   f"{'finished' if within['finished'] else 'FAILED (exit ' + str(within['returncode']) + ')'} in "
-                  f"{within['seconds']} s, group peak {within['group_peak_mib']:,} MiB, at the limit "
-                  f"{within['times_at_limit']:,} times, {within['oom_kills']} OOM kills; process peak resident / "
+                  f"{within['seconds']} s, group peak {within['group_peak_mib']:,} MiB (page cache included), "
+                  f"{within['oom_kills']} OOM kills; process peak resident / "
                   f"allocated {within['process_peak_mib']} MiB", flush=True)
     out = config.outputs_dir() / "bench" / ("export_memory_builder_own.json" if args.builder_own
                                             else "export_memory.json")
