@@ -155,9 +155,7 @@ def merge_save_dtype(hardware: Hardware, base_path: str) -> torch.dtype:
         return hardware.dtype
     from transformers import AutoConfig
 
-    stored = AutoConfig.from_pretrained(base_path).dtype
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
+    stored = AutoConfig.from_pretrained(base_path).dtype  # a torch.dtype, or None where the config names none
     return stored if isinstance(stored, torch.dtype) else torch.float32
 
 
